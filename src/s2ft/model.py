@@ -1,0 +1,302 @@
+"""S2FTModel: apply S²FT to a Hugging Face model, save/load the adapter, merge and unload.
+
+`get_s2ft_model(model, config)` resolves the coupled structures of `model`, selects the
+trained channels/heads, wraps each affected Linear in an `S2FTLayer` and freezes everything
+else. The result trains with any loop, `transformers.Trainer` or DDP: the only trainable
+parameters are the dense delta blocks, and their gradients land in `.grad`.
+
+`S2FTModel.state_dict()` holds the adapter only (deltas and indices); the frozen base is not
+part of it. That keeps `Trainer` checkpoints adapter-sized and resumable. Use
+`model.base_model.state_dict()` for the base weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
+
+from s2ft import __version__
+from s2ft.adapter_io import (
+    AdapterError,
+    FORMAT,
+    FORMAT_VERSION,
+    check_fingerprint,
+    fingerprint,
+    read_adapter,
+    write_adapter,
+)
+from s2ft.config import S2FTConfig
+from s2ft.layers import S2FTLayer
+from s2ft.selection import module_indices, select
+from s2ft.structures import resolve, structure_map_for, weight_view
+
+Indices = dict[str, dict[str, torch.Tensor]]  # module path -> {"rows": idx, "cols": idx}
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def get_s2ft_model(model: nn.Module, config: S2FTConfig, adapter_name: str = "default") -> S2FTModel:
+    """Wrap `model` for S²FT training with `config` (the model is modified in place)."""
+    return S2FTModel(model, config, adapter_name)
+
+
+class S2FTModel(nn.Module):
+    """A transformers model with S²FT adapters; forward/generate behave like the base model's."""
+
+    def __init__(self, model: nn.Module, config: S2FTConfig, adapter_name: str = "default",
+                 indices: Indices | None = None) -> None:
+        super().__init__()
+        if isinstance(model, S2FTModel):
+            raise TypeError("model is already an S2FTModel; use add_adapter() for a second adapter")
+        if not isinstance(config, S2FTConfig):
+            raise TypeError(f"config must be an S2FTConfig, got {type(config).__name__}")
+        self.base_model = model
+        self.s2ft_config: dict[str, S2FTConfig] = {}
+        self.structure_maps: dict[str, dict[str, Any]] = {}
+        self.base_fingerprint = fingerprint(model)  # taken before any wrapping or merging
+        self.active_adapter: str | None = None
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.add_adapter(adapter_name, config, indices=indices)
+        self.set_adapter(adapter_name)
+
+    # ------------------------------------------------------------------ adapters
+
+    def add_adapter(self, adapter_name: str, config: S2FTConfig, indices: Indices | None = None) -> None:
+        """Select (or take the given) indices for `config` and add a zero-initialised adapter."""
+        if adapter_name in self.s2ft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists")
+        smap = structure_map_for(self.base_model, config.structure_map)
+        structure = resolve(self.base_model, smap)
+        if indices is None:
+            indices = module_indices(structure, select(self.base_model, structure, config), config)
+        for path, idx in indices.items():
+            layer = self._layer_at(path)
+            layer.add_adapter(adapter_name, idx.get("rows"), idx.get("cols"), config.train_bias,
+                              self._delta_dtype(config, layer))
+        self.s2ft_config[adapter_name] = config
+        self.structure_maps[adapter_name] = smap
+
+    def set_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.s2ft_config:
+            raise ValueError(f"unknown adapter {adapter_name!r}; have {sorted(self.s2ft_config)}")
+        for layer in self.s2ft_layers():
+            layer.active_adapter = adapter_name
+        self.active_adapter = adapter_name
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model without any unmerged adapter inside the `with` block."""
+        saved = {layer: layer.active_adapter for layer in self.s2ft_layers()}
+        try:
+            for layer in saved:
+                layer.active_adapter = None
+            yield
+        finally:
+            for layer, name in saved.items():
+                layer.active_adapter = name
+
+    def s2ft_layers(self) -> Iterator[S2FTLayer]:
+        for module in self.base_model.modules():
+            if isinstance(module, S2FTLayer):
+                yield module
+
+    def named_s2ft_layers(self) -> Iterator[tuple[str, S2FTLayer]]:
+        for name, module in self.base_model.named_modules():
+            if isinstance(module, S2FTLayer):
+                yield name, module
+
+    def _layer_at(self, path: str) -> S2FTLayer:
+        module = self.base_model.get_submodule(path)
+        if isinstance(module, S2FTLayer):
+            return module
+        parent_path, _, attr = path.rpartition(".")
+        parent = self.base_model.get_submodule(parent_path) if parent_path else self.base_model
+        layer = S2FTLayer(module)
+        setattr(parent, attr, layer)
+        return layer
+
+    @staticmethod
+    def _delta_dtype(config: S2FTConfig, layer: S2FTLayer) -> torch.dtype:
+        if config.delta_dtype is not None:
+            return _DTYPES[config.delta_dtype]
+        base = layer.weight.dtype
+        return torch.float32 if base in (torch.float16, torch.bfloat16) else base
+
+    # ------------------------------------------------------------------ running
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        if labels is not None:
+            kwargs["labels"] = labels
+        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model.generate(*args, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts; total includes the frozen base."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / max(total, 1):.4f}")
+
+    # ------------------------------------------------------------------ state dict = adapter
+
+    def state_dict(self, *args: Any, destination: dict | None = None, prefix: str = "",
+                   keep_vars: bool = False) -> dict[str, Any]:
+        """The adapters' tensors only (deltas and indices of every S2FTLayer)."""
+        if args:  # positional (destination, prefix, keep_vars), the deprecated nn.Module form
+            destination, *rest = args
+            prefix = rest[0] if rest else prefix
+            keep_vars = rest[1] if len(rest) > 1 else keep_vars
+        out = destination if destination is not None else {}
+        for name, layer in self.named_s2ft_layers():
+            layer.s2ft.state_dict(destination=out, prefix=f"{prefix}base_model.{name}.s2ft.", keep_vars=keep_vars)
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Load adapter tensors saved by `state_dict()`; base weights are not part of it."""
+        expected = set(self.state_dict())
+        given = set(state_dict)
+        missing = sorted(expected - given)
+        unexpected = sorted(given - expected)
+        if strict and (missing or unexpected):
+            raise RuntimeError(
+                f"S2FTModel.load_state_dict: missing adapter keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+            )
+        super().load_state_dict({k: v for k, v in state_dict.items() if k in expected}, strict=False, assign=assign)
+        return _IncompatibleKeys(missing, unexpected)
+
+    # ------------------------------------------------------------------ saving / loading
+
+    def save_pretrained(self, save_directory: str | os.PathLike, adapter_name: str | None = None,
+                        **_: Any) -> None:
+        """Write the adapter as `s2ft_adapter.safetensors` + `s2ft_config.json` (atomically)."""
+        name = adapter_name or self.active_adapter
+        if name not in self.s2ft_config:
+            raise ValueError(f"unknown adapter {name!r}; have {sorted(self.s2ft_config)}")
+        tensors: dict[str, torch.Tensor] = {}
+        modules: dict[str, dict[str, Any]] = {}
+        trainable = 0
+        for path, layer in self.named_s2ft_layers():
+            if name not in layer.s2ft:
+                continue
+            d = layer.s2ft[name]
+            for part in ("row_idx", "row_delta", "row_bias", "col_idx", "col_delta"):
+                t = getattr(d, part)
+                if t is not None:
+                    tensors[f"{path}.{part}"] = t
+                    trainable += t.numel() if part.endswith(("delta", "bias")) else 0
+            modules[path] = {
+                "shape": list(layer.weight.shape),
+                "rows": 0 if d.row_idx is None else len(d.row_idx),
+                "cols": 0 if d.col_idx is None else len(d.col_idx),
+                "bias": d.row_bias is not None,
+            }
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "s2ft_version": __version__,
+            "config": self.s2ft_config[name].to_dict(),
+            "structure_map": self.structure_maps[name],
+            "base_model": self.base_fingerprint,
+            "trainable_parameters": trainable,
+            "modules": modules,
+        }
+        write_adapter(save_directory, tensors, meta)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, adapter_path: str | os.PathLike, adapter_name: str = "default",
+                        is_trainable: bool = False, check_base: str = "error") -> S2FTModel:
+        """Load an adapter saved by `save_pretrained` onto `model` (a plain transformers model).
+
+        `check_base`: "error" (default) refuses an adapter whose base-model fingerprint does not
+        match `model`; "warn" warns; "ignore" skips the value check (shapes are always checked).
+        """
+        if check_base not in ("error", "warn", "ignore"):
+            raise ValueError(f"check_base must be 'error', 'warn' or 'ignore', got {check_base!r}")
+        meta, modules = read_adapter(adapter_path)
+        check_fingerprint(meta["base_model"], fingerprint(model), str(adapter_path), check_base)
+        try:
+            config = S2FTConfig.from_dict(meta["config"])
+        except (TypeError, ValueError) as e:
+            raise AdapterError(f"{adapter_path}: invalid config in adapter: {e}") from None
+        for path, info in meta["modules"].items():
+            try:
+                module = model.get_submodule(path)
+            except AttributeError:
+                raise AdapterError(f"{adapter_path}: base model has no module {path!r}") from None
+            shape = list(weight_view(getattr(module, "base_layer", module)).shape)
+            if shape != info["shape"]:
+                raise AdapterError(f"{adapter_path}: module {path!r} has shape {shape}, adapter expects {info['shape']}")
+        indices = {p: {"rows": t.get("row_idx"), "cols": t.get("col_idx")} for p, t in modules.items()}
+        out = cls(model, config, adapter_name, indices=indices)
+        out._load_deltas(adapter_name, modules, is_trainable)
+        return out
+
+    @torch.no_grad()
+    def _load_deltas(self, adapter_name: str, modules: dict[str, dict[str, torch.Tensor]], trainable: bool) -> None:
+        for path, parts in modules.items():
+            d = self.base_model.get_submodule(path).s2ft[adapter_name]
+            for part in ("row_delta", "row_bias", "col_delta"):
+                param = getattr(d, part)
+                if (param is None) != (part not in parts):
+                    raise AdapterError(f"{path}.{part}: adapter and model disagree on whether it exists")
+                if param is not None:
+                    param.copy_(parts[part])
+                    param.requires_grad_(trainable)
+
+    # ------------------------------------------------------------------ merge / unmerge
+
+    def merge(self, adapter_name: str | None = None) -> None:
+        """Add the adapter's blocks into the base weights in place (an indexed add, no matmul)."""
+        name = adapter_name or self.active_adapter
+        if name not in self.s2ft_config:
+            raise ValueError(f"unknown adapter {name!r}; have {sorted(self.s2ft_config)}")
+        for layer in self.s2ft_layers():
+            if name in layer.s2ft:
+                layer.merge(name)
+
+    def unmerge(self) -> None:
+        """Restore the exact base weights (undoes every merge)."""
+        for layer in self.s2ft_layers():
+            layer.unmerge()
+
+    def merge_and_unload(self) -> nn.Module:
+        """Merge the active adapter and return the plain transformers model (no s2ft modules)."""
+        self.merge()
+        return self._unwrap()
+
+    def unload(self) -> nn.Module:
+        """Undo merges and return the plain, unmodified base model."""
+        self.unmerge()
+        return self._unwrap()
+
+    def _unwrap(self) -> nn.Module:
+        for path, layer in list(self.named_s2ft_layers()):
+            parent_path, _, attr = path.rpartition(".")
+            parent = self.base_model.get_submodule(parent_path) if parent_path else self.base_model
+            setattr(parent, attr, layer.base_layer)
+        return self.base_model
