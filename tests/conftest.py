@@ -16,8 +16,15 @@ _TOK = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
 
 
 def _cfg(name: str) -> T.PretrainedConfig:
-    common = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=64, **_TOK)
+    common = dict(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        **_TOK,
+    )
     if name == "llama":
         return T.LlamaConfig(**common, num_key_value_heads=2)
     if name == "mistral":
@@ -35,12 +42,30 @@ def _cfg(name: str) -> T.PretrainedConfig:
     if name == "phi3":
         return T.Phi3Config(**common, num_key_value_heads=2)
     if name == "gpt2":
-        return T.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **_TOK)
+        return T.GPT2Config(
+            vocab_size=V,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **_TOK,
+        )
     if name == "opt":
-        return T.OPTConfig(vocab_size=V, hidden_size=32, ffn_dim=48, num_hidden_layers=2,
-                           num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=64,
-                           dropout=0.0, attention_dropout=0.0, **_TOK)
+        return T.OPTConfig(
+            vocab_size=V,
+            hidden_size=32,
+            ffn_dim=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=32,
+            max_position_embeddings=64,
+            dropout=0.0,
+            attention_dropout=0.0,
+            **_TOK,
+        )
     if name == "smollm2_shape":  # 9 query heads / 3 KV heads, as SmolLM2-135M
         return T.LlamaConfig(**{**common, "hidden_size": 72, "num_attention_heads": 9}, num_key_value_heads=3)
     if name == "gemma3_270m_shape":  # 4 query heads / 1 KV head, head_dim != hidden/heads

@@ -13,9 +13,9 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import batch, tiny_model  # noqa: E402
+from conftest import batch, tiny_model
 
-from s2ft import S2FTConfig, get_s2ft_model  # noqa: E402
+from s2ft import S2FTConfig, get_s2ft_model
 
 STEPS = 3
 

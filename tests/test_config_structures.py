@@ -83,15 +83,26 @@ def test_ffn_modules_pick_matrices():
     assert sorted({p.split(".")[-1] for p, _ in m.named_s2ft_layers()}) == ["down_proj"]
     # GPT-2 has no gate: the default (up, gate, down) trains c_fc and c_proj
     g = get_s2ft_model(tiny_model("gpt2"), S2FTConfig(ffn_ratio=0.25))
-    assert sorted(p for p, _ in g.named_s2ft_layers() if ".0." in p) == ["transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"]
+    assert sorted(p for p, _ in g.named_s2ft_layers() if ".0." in p) == [
+        "transformer.h.0.mlp.c_fc",
+        "transformer.h.0.mlp.c_proj",
+    ]
     with pytest.raises(ValueError, match="selects nothing"):
         get_s2ft_model(tiny_model("gpt2"), S2FTConfig(ffn_ratio=0.25, ffn_modules=("gate",)))
 
 
 def _neox():
     torch.manual_seed(0)
-    cfg = T.GPTNeoXConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                          num_attention_heads=4, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+    cfg = T.GPTNeoXConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     return T.AutoModelForCausalLM.from_config(cfg).double().eval()
 
 
@@ -125,5 +136,7 @@ def test_custom_map_errors_name_the_problem():
     wrong_heads = {**copy.deepcopy(__import__("s2ft").ARCHITECTURES["llama"]), "num_heads": 8}
     with pytest.raises(ValueError, match="num_heads=8"):
         get_s2ft_model(tiny_model("llama"), S2FTConfig(attn_ratio=0.5, structure_map=wrong_heads))
-    with pytest.raises(ValueError, match="no module at \"layers\""):
-        get_s2ft_model(tiny_model("llama"), S2FTConfig(structure_map={"layers": "x.y", "ffn": {"up": "a", "down": "b"}}))
+    with pytest.raises(ValueError, match='no module at "layers"'):
+        get_s2ft_model(
+            tiny_model("llama"), S2FTConfig(structure_map={"layers": "x.y", "ffn": {"up": "a", "down": "b"}})
+        )

@@ -32,7 +32,7 @@ def trained(family, tmp_path):
 
 
 def test_save_load_identical_logits(trained):
-    family, plain, model, path = trained
+    _, plain, model, path = trained
     assert sorted(p.name for p in path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])
     loaded = S2FTModel.from_pretrained(copy.deepcopy(plain), path)
     ids = batch()
@@ -47,7 +47,7 @@ def test_save_load_identical_logits(trained):
 
 
 def test_merge_unmerge_round_trip(trained):
-    family, plain, model, _ = trained
+    _, _, model, _ = trained
     before = {k: v.clone() for k, v in model.base_model.state_dict().items() if ".s2ft." not in k}
     ids = batch()
     unmerged = logits(model, ids)
@@ -63,15 +63,16 @@ def test_merge_unmerge_round_trip(trained):
 
 
 def test_merge_and_unload_reloads_in_plain_transformers(trained, tmp_path):
-    family, plain, model, _ = trained
+    _, plain, model, _ = trained
     ids = batch()
     expected = logits(model, ids)
     merged = model.merge_and_unload()
     assert type(merged) is type(plain)
     assert not any("s2ft" in n or "base_layer" in n for n, _ in merged.named_modules())
     merged.save_pretrained(tmp_path / "merged")
-    reloaded = T.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float64,
-                                                      attn_implementation="eager").eval()
+    reloaded = T.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "merged", dtype=torch.float64, attn_implementation="eager"
+    ).eval()
     saved = merged.state_dict()
     for k, v in reloaded.state_dict().items():  # the merged weights survive save/reload bit-for-bit
         if k in saved:

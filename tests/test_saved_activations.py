@@ -71,8 +71,9 @@ def test_s2ft_keeps_fewer_activation_bytes_than_lora():
     rank = -(-n_s2ft // (2 * 3 * (32 + 48)))
     lora = peft.get_peft_model(
         tiny_model("llama", dtype=torch.float32),
-        peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                        target_modules=["up_proj", "gate_proj", "down_proj"]),
+        peft.LoraConfig(
+            r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=["up_proj", "gate_proj", "down_proj"]
+        ),
     )
     n_lora = sum(p.numel() for p in lora.parameters() if p.requires_grad)
     assert n_lora >= n_s2ft

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 import transformers as T
-from conftest import V, tiny_model
+from conftest import tiny_model
 
 from s2ft import S2FTConfig, S2FTModel, get_s2ft_model
 
@@ -15,15 +15,32 @@ def _data(n=16, t=16):
     rows = []
     for _ in range(n):
         ids = torch.randint(3, 8, (t,), generator=g)  # 5 of the 64 tokens: learnable in a few steps
-        rows.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
-                     "extra_column": "dropped by Trainer"})
+        rows.append(
+            {
+                "input_ids": ids,
+                "attention_mask": torch.ones_like(ids),
+                "labels": ids.clone(),
+                "extra_column": "dropped by Trainer",
+            }
+        )
     return rows
 
 
 def _args(out, **kw):
-    return T.TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, learning_rate=2e-2,
-                               lr_scheduler_type="constant", logging_steps=1, report_to=[], use_cpu=True,
-                               save_strategy="steps", save_steps=4, seed=0, data_seed=0, **kw)
+    return T.TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        learning_rate=2e-2,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="steps",
+        save_steps=4,
+        seed=0,
+        data_seed=0,
+        **kw,
+    )
 
 
 def _model():

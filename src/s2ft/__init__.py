@@ -9,10 +9,10 @@ partial back-propagation; save, load, merge and unload the resulting adapters.
 
 __version__ = "0.1.0"
 
-from s2ft.adapter_io import AdapterError  # noqa: E402
-from s2ft.config import S2FTConfig  # noqa: E402
-from s2ft.model import S2FTModel, get_s2ft_model  # noqa: E402
-from s2ft.structures import ARCHITECTURES, UnsupportedModelError  # noqa: E402
+from s2ft.adapter_io import AdapterError
+from s2ft.config import S2FTConfig
+from s2ft.model import S2FTModel, get_s2ft_model
+from s2ft.structures import ARCHITECTURES, UnsupportedModelError
 
 __all__ = [
     "ARCHITECTURES",

@@ -54,14 +54,19 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
     config = getattr(model, "config", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     dims = {}
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                "intermediate_size", "vocab_size", "head_dim"):
+    for key in (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+        "vocab_size",
+        "head_dim",
+    ):
         value = getattr(text, key, None)
         if isinstance(value, int) and not isinstance(value, bool):
             dims[key] = value
-    shapes = sorted(
-        (_clean_name(n), list(p.shape)) for n, p in model.named_parameters() if ".s2ft." not in n
-    )
+    shapes = sorted((_clean_name(n), list(p.shape)) for n, p in model.named_parameters() if ".s2ft." not in n)
     emb = model.get_input_embeddings().weight.detach() if hasattr(model, "get_input_embeddings") else None
     probe: list[float] = []
     if emb is not None and emb.numel():
@@ -93,14 +98,15 @@ def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], where: str
             problems.append("embedding probe sizes differ")
         else:
             norm = math.sqrt(sum(x * x for x in a)) or 1e-12
-            rel = math.sqrt(sum((x - y) ** 2 for x, y in zip(a, b))) / norm
+            rel = math.sqrt(sum((x - y) ** 2 for x, y in zip(a, b, strict=True))) / norm
             if rel > PROBE_TOLERANCE:
                 problems.append(f"embedding weights differ (relative distance {rel:.3f} > {PROBE_TOLERANCE})")
     if not problems or check_base == "ignore":
         return
     msg = (
         f"adapter {where} was trained on a different base model "
-        f"({saved.get('name_or_path') or saved.get('model_type')}): " + "; ".join(problems)
+        f"({saved.get('name_or_path') or saved.get('model_type')}): "
+        + "; ".join(problems)
         + ". Pass check_base='warn' or 'ignore' to load it anyway."
     )
     if check_base == "warn":
@@ -135,8 +141,7 @@ def write_adapter(path: str | os.PathLike, tensors: dict[str, torch.Tensor], met
     """Write an adapter directory (weights first, then the JSON that vouches for them)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    blob = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-                   metadata={"format": FORMAT})
+    blob = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata={"format": FORMAT})
     meta = {**meta, "weights_file": WEIGHTS_NAME, "weights_sha256": hashlib.sha256(blob).hexdigest()}
     atomic_write(path / WEIGHTS_NAME, blob)
     atomic_write(path / CONFIG_NAME, (json.dumps(meta, indent=2, sort_keys=False) + "\n").encode())

@@ -45,7 +45,7 @@ class S2FTLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, row_idx, row_delta, row_bias, col_idx, col_delta):  # noqa: D417
+    def forward(ctx, x, weight, bias, row_idx, row_delta, row_bias, col_idx, col_delta):
         in_features = x.shape[-1]
         x2 = x.reshape(-1, in_features)  # (N, in)
         y = F.linear(x2, weight, bias).contiguous()  # (N, out)
@@ -92,9 +92,15 @@ class S2FTLinearFunction(torch.autograd.Function):
         return grad_x, None, None, None, grad_row, grad_row_bias, None, grad_col
 
 
-def s2ft_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                row_idx: torch.Tensor | None, row_delta: torch.Tensor | None,
-                row_bias: torch.Tensor | None, col_idx: torch.Tensor | None,
-                col_delta: torch.Tensor | None) -> torch.Tensor:
+def s2ft_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    row_idx: torch.Tensor | None,
+    row_delta: torch.Tensor | None,
+    row_bias: torch.Tensor | None,
+    col_idx: torch.Tensor | None,
+    col_delta: torch.Tensor | None,
+) -> torch.Tensor:
     """Functional form of `S2FTLinearFunction`; all tensors must share one dtype."""
     return S2FTLinearFunction.apply(x, weight, bias, row_idx, row_delta, row_bias, col_idx, col_delta)

@@ -74,9 +74,7 @@ class S2FTConfig:
                 raise ValueError(f"S2FTConfig.{name} must be in [0, 1], got {value!r}")
             setattr(self, name, float(value))
         if self.ffn_ratio == 0.0 and self.attn_ratio == 0.0:
-            raise ValueError(
-                "S2FTConfig.ffn_ratio and S2FTConfig.attn_ratio are both 0: nothing would be trained"
-            )
+            raise ValueError("S2FTConfig.ffn_ratio and S2FTConfig.attn_ratio are both 0: nothing would be trained")
         self.ffn_modules = _roles("ffn_modules", self.ffn_modules, FFN_ROLES)
         self.attn_modules = _roles("attn_modules", self.attn_modules, ATTN_ROLES)
         if self.ffn_ratio > 0 and not self.ffn_modules:
@@ -87,22 +85,18 @@ class S2FTConfig:
         from s2ft.selection import STRATEGIES  # late import: selection imports this module
 
         if self.strategy not in STRATEGIES:
-            raise ValueError(
-                f"S2FTConfig.strategy must be one of {sorted(STRATEGIES)}, got {self.strategy!r}"
-            )
+            raise ValueError(f"S2FTConfig.strategy must be one of {sorted(STRATEGIES)}, got {self.strategy!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"S2FTConfig.seed must be a non-negative integer, got {self.seed!r}")
         if self.layer_allocation not in LAYER_ALLOCATIONS:
             raise ValueError(
-                f"S2FTConfig.layer_allocation must be one of {list(LAYER_ALLOCATIONS)}, "
-                f"got {self.layer_allocation!r}"
+                f"S2FTConfig.layer_allocation must be one of {list(LAYER_ALLOCATIONS)}, got {self.layer_allocation!r}"
             )
         if not isinstance(self.train_bias, bool):
             raise ValueError(f"S2FTConfig.train_bias must be a bool, got {self.train_bias!r}")
         if self.delta_dtype is not None and self.delta_dtype not in DELTA_DTYPES:
             raise ValueError(
-                f"S2FTConfig.delta_dtype must be None or one of {list(DELTA_DTYPES)}, "
-                f"got {self.delta_dtype!r}"
+                f"S2FTConfig.delta_dtype must be None or one of {list(DELTA_DTYPES)}, got {self.delta_dtype!r}"
             )
         if self.structure_map is not None:
             from s2ft.structures import validate_structure_map

@@ -23,9 +23,16 @@ class S2FTDelta(nn.Module):
     Absent parts are None. Deltas start at zero: the adapted model starts as the base model.
     """
 
-    def __init__(self, out_features: int, in_features: int, rows: torch.Tensor | None,
-                 cols: torch.Tensor | None, with_bias: bool, dtype: torch.dtype,
-                 device: torch.device) -> None:
+    def __init__(
+        self,
+        out_features: int,
+        in_features: int,
+        rows: torch.Tensor | None,
+        cols: torch.Tensor | None,
+        with_bias: bool,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
         super().__init__()
         rows = rows if rows is not None and rows.numel() else None
         cols = cols if cols is not None and cols.numel() else None
@@ -73,8 +80,9 @@ class S2FTLayer(nn.Module):
         """The base weight as `(out, in)`."""
         return weight_view(self.base_layer)
 
-    def add_adapter(self, name: str, rows: torch.Tensor | None, cols: torch.Tensor | None,
-                    train_bias: bool, dtype: torch.dtype) -> S2FTDelta:
+    def add_adapter(
+        self, name: str, rows: torch.Tensor | None, cols: torch.Tensor | None, train_bias: bool, dtype: torch.dtype
+    ) -> S2FTDelta:
         if name in self.s2ft:
             raise ValueError(f"adapter {name!r} already exists on this layer")
         w = self.weight
@@ -96,8 +104,9 @@ class S2FTLayer(nn.Module):
         def cast(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(dtype)
 
-        return s2ft_linear(cast(x), cast(w), cast(bias), d.row_idx, cast(d.row_delta),
-                           cast(d.row_bias), d.col_idx, cast(d.col_delta))
+        return s2ft_linear(
+            cast(x), cast(w), cast(bias), d.row_idx, cast(d.row_delta), cast(d.row_bias), d.col_idx, cast(d.col_delta)
+        )
 
     @torch.no_grad()
     def merge(self, name: str) -> None:

@@ -23,9 +23,9 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from s2ft import __version__
 from s2ft.adapter_io import (
-    AdapterError,
     FORMAT,
     FORMAT_VERSION,
+    AdapterError,
     check_fingerprint,
     fingerprint,
     read_adapter,
@@ -48,8 +48,9 @@ def get_s2ft_model(model: nn.Module, config: S2FTConfig, adapter_name: str = "de
 class S2FTModel(nn.Module):
     """A transformers model with S²FT adapters; forward/generate behave like the base model's."""
 
-    def __init__(self, model: nn.Module, config: S2FTConfig, adapter_name: str = "default",
-                 indices: Indices | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, config: S2FTConfig, adapter_name: str = "default", indices: Indices | None = None
+    ) -> None:
         super().__init__()
         if isinstance(model, S2FTModel):
             raise TypeError("model is already an S2FTModel; use add_adapter() for a second adapter")
@@ -77,8 +78,9 @@ class S2FTModel(nn.Module):
             indices = module_indices(structure, select(self.base_model, structure, config), config)
         for path, idx in indices.items():
             layer = self._layer_at(path)
-            layer.add_adapter(adapter_name, idx.get("rows"), idx.get("cols"), config.train_bias,
-                              self._delta_dtype(config, layer))
+            layer.add_adapter(
+                adapter_name, idx.get("rows"), idx.get("cols"), config.train_bias, self._delta_dtype(config, layer)
+            )
         self.s2ft_config[adapter_name] = config
         self.structure_maps[adapter_name] = smap
 
@@ -130,8 +132,13 @@ class S2FTModel(nn.Module):
 
     # ------------------------------------------------------------------ running
 
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, **kwargs: Any) -> Any:
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
         if labels is not None:
             kwargs["labels"] = labels
         return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -158,13 +165,16 @@ class S2FTModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
-              f"trainable%: {100 * trainable / max(total, 1):.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / max(total, 1):.4f}"
+        )
 
     # ------------------------------------------------------------------ state dict = adapter
 
-    def state_dict(self, *args: Any, destination: dict | None = None, prefix: str = "",
-                   keep_vars: bool = False) -> dict[str, Any]:
+    def state_dict(
+        self, *args: Any, destination: dict | None = None, prefix: str = "", keep_vars: bool = False
+    ) -> dict[str, Any]:
         """The adapters' tensors only (deltas and indices of every S2FTLayer)."""
         if args:  # positional (destination, prefix, keep_vars), the deprecated nn.Module form
             destination, *rest = args
@@ -191,8 +201,7 @@ class S2FTModel(nn.Module):
 
     # ------------------------------------------------------------------ saving / loading
 
-    def save_pretrained(self, save_directory: str | os.PathLike, adapter_name: str | None = None,
-                        **_: Any) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, adapter_name: str | None = None, **_: Any) -> None:
         """Write the adapter as `s2ft_adapter.safetensors` + `s2ft_config.json` (atomically)."""
         name = adapter_name or self.active_adapter
         if name not in self.s2ft_config:
@@ -228,8 +237,14 @@ class S2FTModel(nn.Module):
         write_adapter(save_directory, tensors, meta)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, adapter_path: str | os.PathLike, adapter_name: str = "default",
-                        is_trainable: bool = False, check_base: str = "error") -> S2FTModel:
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        adapter_path: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        check_base: str = "error",
+    ) -> S2FTModel:
         """Load an adapter saved by `save_pretrained` onto `model` (a plain transformers model).
 
         `check_base`: "error" (default) refuses an adapter whose base-model fingerprint does not
@@ -250,7 +265,9 @@ class S2FTModel(nn.Module):
                 raise AdapterError(f"{adapter_path}: base model has no module {path!r}") from None
             shape = list(weight_view(getattr(module, "base_layer", module)).shape)
             if shape != info["shape"]:
-                raise AdapterError(f"{adapter_path}: module {path!r} has shape {shape}, adapter expects {info['shape']}")
+                raise AdapterError(
+                    f"{adapter_path}: module {path!r} has shape {shape}, adapter expects {info['shape']}"
+                )
         indices = {p: {"rows": t.get("row_idx"), "cols": t.get("col_idx")} for p, t in modules.items()}
         out = cls(model, config, adapter_name, indices=indices)
         out._load_deltas(adapter_name, modules, is_trainable)

@@ -23,8 +23,9 @@ from s2ft.structures import BlockStructure, ModelStructure, expand
 ScoreFn = Callable[[nn.Module, BlockStructure, str, int, S2FTConfig, torch.Generator], torch.Tensor]
 
 
-def _random_scores(model: nn.Module, block: BlockStructure, kind: str, n: int,
-                   config: S2FTConfig, generator: torch.Generator) -> torch.Tensor:
+def _random_scores(
+    model: nn.Module, block: BlockStructure, kind: str, n: int, config: S2FTConfig, generator: torch.Generator
+) -> torch.Tensor:
     return torch.rand(n, generator=generator, dtype=torch.float64)
 
 
@@ -80,11 +81,12 @@ def select(model: nn.Module, structure: ModelStructure, config: S2FTConfig) -> l
     return out
 
 
-def module_indices(structure: ModelStructure, selection: list[LayerSelection],
-                   config: S2FTConfig) -> dict[str, dict[str, torch.Tensor]]:
+def module_indices(
+    structure: ModelStructure, selection: list[LayerSelection], config: S2FTConfig
+) -> dict[str, dict[str, torch.Tensor]]:
     """`{module_path: {"rows": idx, "cols": idx}}` for every trained module, original order."""
     plan: dict[str, dict[str, torch.Tensor]] = {}
-    for block, sel in zip(structure.blocks, selection):
+    for block, sel in zip(structure.blocks, selection, strict=True):
         plan.update(expand(block, sel.ffn, sel.attn, config.ffn_modules, config.attn_modules))
     return plan
 
@@ -93,11 +95,14 @@ def _any_role(slots: dict, roles: tuple[str, ...]) -> bool:
     return any(r in slots for r in roles)
 
 
-def _top_k(score: ScoreFn, model: nn.Module, block: BlockStructure, kind: str, n: int, k: int,
-           config: S2FTConfig) -> torch.Tensor:
+def _top_k(
+    score: ScoreFn, model: nn.Module, block: BlockStructure, kind: str, n: int, k: int, config: S2FTConfig
+) -> torch.Tensor:
     scores = score(model, block, kind, n, config, _generator(config.seed, block.index, kind))
     if scores.shape != (n,):
-        raise RuntimeError(f"strategy {config.strategy!r} returned scores of shape {tuple(scores.shape)}, expected ({n},)")
+        raise RuntimeError(
+            f"strategy {config.strategy!r} returned scores of shape {tuple(scores.shape)}, expected ({n},)"
+        )
     order = torch.argsort(scores.detach().float().cpu(), descending=True, stable=True)
     return torch.sort(order[:k]).values.to(torch.long)
 

@@ -143,9 +143,7 @@ def weight_view(module: nn.Module) -> torch.Tensor:
         return module.weight
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
         return module.weight.t()
-    raise TypeError(
-        f"s2ft can only train nn.Linear or transformers Conv1D modules, got {type(module).__name__}"
-    )
+    raise TypeError(f"s2ft can only train nn.Linear or transformers Conv1D modules, got {type(module).__name__}")
 
 
 def validate_structure_map(smap: Any, field_name: str = "structure_map") -> None:
@@ -203,9 +201,7 @@ def resolve(model: nn.Module, smap: dict[str, Any]) -> ModelStructure:
     try:
         layers = model.get_submodule(smap["layers"])
     except AttributeError:
-        raise ValueError(
-            f'structure map: the model has no module at "layers" = {smap["layers"]!r}'
-        ) from None
+        raise ValueError(f'structure map: the model has no module at "layers" = {smap["layers"]!r}') from None
     if not isinstance(layers, (nn.ModuleList, nn.Sequential)):
         raise ValueError(f"structure map: {smap['layers']!r} is a {type(layers).__name__}, not a ModuleList")
 
@@ -223,8 +219,13 @@ def resolve(model: nn.Module, smap: dict[str, Any]) -> ModelStructure:
     return out
 
 
-def expand(block: BlockStructure, ffn_channels: torch.Tensor | None, heads: torch.Tensor | None,
-           ffn_roles: tuple[str, ...], attn_roles: tuple[str, ...]) -> dict[str, dict[str, torch.Tensor]]:
+def expand(
+    block: BlockStructure,
+    ffn_channels: torch.Tensor | None,
+    heads: torch.Tensor | None,
+    ffn_roles: tuple[str, ...],
+    attn_roles: tuple[str, ...],
+) -> dict[str, dict[str, torch.Tensor]]:
     """Selected units of one block -> `{module_path: {"rows": idx, "cols": idx}}`.
 
     FFN channel c: rows `off + c` of up/gate, column c of down.
@@ -253,11 +254,7 @@ def expand(block: BlockStructure, ffn_channels: torch.Tensor | None, heads: torc
 
     out: dict[str, dict[str, torch.Tensor]] = {}
     for path, entry in plan.items():
-        out[path] = {
-            axis: torch.unique(torch.cat(parts)).to(torch.long)
-            for axis, parts in entry.items()
-            if parts
-        }
+        out[path] = {axis: torch.unique(torch.cat(parts)).to(torch.long) for axis, parts in entry.items() if parts}
     return out
 
 
@@ -286,8 +283,7 @@ def _get(model: nn.Module, path: str, what: str) -> nn.Module:
     return base
 
 
-def _slots(model: nn.Module, prefix: str, roles: dict[str, str], sizes: dict[str, int],
-           kind: str) -> dict[str, Slot]:
+def _slots(model: nn.Module, prefix: str, roles: dict[str, str], sizes: dict[str, int], kind: str) -> dict[str, Slot]:
     """Place each role; check fused modules' row blocks add up to their output size."""
     parsed = {role: _split_block(p, f"{kind}.{role}") for role, p in roles.items()}
     slots: dict[str, Slot] = {}
@@ -312,9 +308,7 @@ def _slots(model: nn.Module, prefix: str, roles: dict[str, str], sizes: dict[str
         total = sum(sizes[r] for _, r in same)
         if out_dim != total:
             detail = " + ".join(f"{r}={sizes[r]}" for _, r in same)
-            raise ValueError(
-                f"structure map: {kind}.{role} {path!r} has {out_dim} output rows, expected {detail}"
-            )
+            raise ValueError(f"structure map: {kind}.{role} {path!r} has {out_dim} output rows, expected {detail}")
         slots[role] = Slot(path, "row", offset)
     return slots
 

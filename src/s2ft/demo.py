@@ -1,0 +1,197 @@
+"""The built-in default job (`s2ft demo`, `make demo`): fine-tune SmolLM2-135M-Instruct with
+S²FT on the ARC-Easy subset shipped in the package, evaluate before and after on 200 held-out
+questions, and write the adapter, a loss plot and a JSON report.
+
+Evaluation ranks the answer labels: for each question every candidate response
+("the correct answer is answerK") is scored by its log-likelihood under the model, and the
+most likely one is the prediction. The held-out loss is the per-token NLL of the gold response.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from s2ft.config import S2FTConfig
+from s2ft.data import builtin_dataset, tokenize
+from s2ft.model import get_s2ft_model
+
+_FORMAT = re.compile(r"Answer format:\s*(\S+)\s*$")
+
+
+def candidates(record: dict[str, Any]) -> list[str]:
+    """Answer labels a record allows, from its "Answer format: a/b/c" line."""
+    m = _FORMAT.search(record["instruction"].strip())
+    return m.group(1).split("/") if m else []
+
+
+@torch.no_grad()
+def evaluate(
+    model: Any, tokenizer: Any, records: list[dict[str, Any]], batch_size: int = 16, max_length: int = 512
+) -> dict[str, float]:
+    """Label accuracy and gold-response loss on `records`, one forward pass per question.
+
+    The candidate responses ("the correct answer is answerK") share every token up to the
+    label, so a single pass over prompt + gold response gives both the gold response's NLL and,
+    at the position after the shared prefix, the probability of every candidate's label token;
+    the most probable label is the prediction.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    items = []
+    for rec in records:
+        seq = tokenize(rec, tokenizer, max_length, response=rec["output"])
+        resp_start = seq["labels"].index(next(t for t in seq["labels"] if t != -100))
+        cands = candidates(rec) or [rec["answer"]]
+        cand_ids = [tokenizer(f"the correct answer is {c}", add_special_tokens=False)["input_ids"] for c in cands]
+        shared = 0
+        while all(len(c) > shared for c in cand_ids) and len({c[shared] for c in cand_ids}) == 1:
+            shared += 1
+        label_tokens = [c[shared] if len(c) > shared else -1 for c in cand_ids]
+        items.append((seq, resp_start, resp_start + shared, cands, label_tokens))
+
+    correct, nll_sum, tokens = 0, 0.0, 0
+    order = sorted(range(len(items)), key=lambda i: len(items[i][0]["input_ids"]))  # less padding
+    for start in range(0, len(order), batch_size):
+        batch = [items[i] for i in order[start : start + batch_size]]
+        width = max(len(it[0]["input_ids"]) for it in batch)
+        keep = max(len(seq["input_ids"]) - resp_start for seq, resp_start, *_ in batch) + 1
+        # left padding: the responses sit in the last `keep` positions, so only those logits are
+        # computed (logits_to_keep) instead of a (B, T, vocab) tensor
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, (seq, *_rest) in enumerate(batch):
+            n = len(seq["input_ids"])
+            ids[row, width - n :] = torch.tensor(seq["input_ids"])
+            labels[row, width - n :] = torch.tensor(seq["labels"])
+            mask[row, width - n :] = 1
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        logits = model(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+            logits_to_keep=keep,
+        ).logits.float()  # (B, keep, V): column c is position width-keep+c
+        logp = torch.log_softmax(logits, dim=-1).cpu()
+        target = labels[:, width - keep + 1 :]  # tokens predicted by columns 0..keep-2
+        valid = target != -100
+        tok = logp[:, :-1].gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * valid
+        nll_sum -= float(tok.sum())
+        tokens += int(valid.sum())
+        for row, (seq, _, label_pos, cands, label_tokens) in enumerate(batch):
+            col = (width - len(seq["input_ids"]) + label_pos - 1) - (width - keep)  # predicts the label token
+            scores = [float(logp[row, col, t]) if t >= 0 else float("-inf") for t in label_tokens]
+            pred = cands[max(range(len(cands)), key=scores.__getitem__)]
+            correct += pred == records[order[start + row]]["answer"]
+    model.train(was_training)
+    return {"accuracy": correct / len(records), "loss": nll_sum / max(tokens, 1), "n": len(records)}
+
+
+def _summary(m: dict[str, float]) -> str:
+    return f"accuracy {m['accuracy']:.1%}, held-out loss {m['loss']:.3f}"
+
+
+def run_demo(
+    model_spec: str = "smollm2",
+    output_dir: str | Path = "s2ft-demo",
+    steps: int = 120,
+    learning_rate: float = 1e-3,
+    batch_size: int = 8,
+    ffn_ratio: float = 0.03,
+    eval_limit: int = 200,
+    seed: int = 0,
+    max_length: int = 256,
+) -> dict[str, Any]:
+    """Run the default job end to end and return the report (also written as report.json)."""
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from s2ft.loading import load_model_and_tokenizer
+    from s2ft.plots import plot_loss
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    torch.manual_seed(seed)
+    model, tokenizer = load_model_and_tokenizer(model_spec)
+    train, held = builtin_dataset("arc_easy")
+    held = held[:eval_limit]
+    print(
+        f"[s2ft demo] model loaded in {time.time() - t0:.0f}s; {len(train)} training and {len(held)} held-out questions"
+    )
+
+    t = time.time()
+    before = evaluate(model, tokenizer, held)
+    print(f"[s2ft demo] before: {_summary(before)} ({time.time() - t:.0f}s)")
+
+    config = S2FTConfig(ffn_ratio=ffn_ratio, seed=seed)
+    s2ft_model = get_s2ft_model(model, config)
+    trainable, total = s2ft_model.get_nb_trainable_parameters()
+    print(f"[s2ft demo] S²FT: {trainable:,} trainable parameters ({100 * trainable / total:.2f}% of {total:,})")
+
+    dataset = [tokenize(r, tokenizer, max_length) for r in train]
+    args = TrainingArguments(
+        output_dir=str(out / "trainer"),
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate,
+        lr_scheduler_type="linear",
+        warmup_steps=max(1, steps // 10),
+        logging_steps=5,
+        save_strategy="no",
+        report_to=[],
+        seed=seed,
+        data_seed=seed,
+        remove_unused_columns=False,
+        disable_tqdm=False,
+    )
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    trainer = Trainer(model=s2ft_model, args=args, train_dataset=dataset, data_collator=collator)
+    t = time.time()
+    trainer.train()
+    train_time = time.time() - t
+
+    t = time.time()
+    after = evaluate(s2ft_model, tokenizer, held)
+    print(f"[s2ft demo] after:  {_summary(after)} ({time.time() - t:.0f}s)")
+
+    s2ft_model.save_pretrained(out / "adapter")
+    losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    plot_loss({"train": losses}, out / "loss.png", title="S²FT on ARC-Easy (SmolLM2-135M-Instruct)")
+    report = {
+        "model": model_spec,
+        "config": config.to_dict(),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "steps": steps,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "train_seconds": round(train_time, 1),
+        "seconds_per_step": round(train_time / steps, 2),
+        "before": before,
+        "after": after,
+        "train_loss": losses,
+        "adapter": str(out / "adapter"),
+        "loss_plot": str(out / "loss.png"),
+        "total_seconds": round(time.time() - t0, 1),
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(
+        "\n[s2ft demo] report\n"
+        f"  held-out accuracy  {before['accuracy']:.1%} -> {after['accuracy']:.1%}"
+        f"   ({len(held)} ARC-Easy questions, label ranking)\n"
+        f"  held-out loss      {before['loss']:.3f} -> {after['loss']:.3f}   (per token, gold response)\n"
+        f"  training           {steps} steps x {batch_size} in {train_time:.0f}s ({train_time / steps:.2f} s/step), "
+        f"{trainable:,} trainable parameters\n"
+        f"  adapter            {out / 'adapter'}\n"
+        f"  loss plot          {out / 'loss.png'}\n"
+        f"  report             {out / 'report.json'}\n"
+        f"  total time         {time.time() - t0:.0f}s"
+    )
+    return report

@@ -1,0 +1,103 @@
+"""The demo's one-pass evaluator (left padding, position_ids, logits_to_keep, shared-prefix
+label scoring) agrees with a brute-force unbatched scorer; data reading reports file:line."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import transformers as T
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from s2ft.data import DataError, builtin_dataset, prompt, read_jsonl, tokenize
+from s2ft.demo import candidates, evaluate
+
+
+def _tokenizer(records):
+    text = " ".join(prompt(r) + " " + r["output"] for r in records) + " the correct answer is"
+    words = sorted(set(re.findall(r"\w+|[^\w\s]+", text)) | {f"answer{i}" for i in range(1, 6)})
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return T.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+@torch.no_grad()
+def _brute_force(model, tok, records):
+    correct, nll, n = 0, 0.0, 0
+    for rec in records:
+        seq = tokenize(rec, tok, 512)
+        ids, labels = torch.tensor([seq["input_ids"]]), torch.tensor([seq["labels"]])
+        valid = int((labels[:, 1:] != -100).sum())
+        nll += float(model(input_ids=ids, labels=labels).loss) * valid
+        n += valid
+        scores = {}
+        for cand in candidates(rec):
+            s = tokenize(rec, tok, 512, response=f"the correct answer is {cand}")
+            ids = torch.tensor([s["input_ids"][:-1]])  # without EOS: score up to the label token
+            lab = s["labels"][:-1]
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
+            scores[cand] = sum(float(logp[t, lab[t + 1]]) for t in range(len(lab) - 1) if lab[t + 1] != -100)
+        correct += max(scores, key=scores.get) == rec["answer"]
+    return correct / len(records), nll / n
+
+
+def test_one_pass_evaluator_matches_brute_force():
+    records = builtin_dataset("arc_easy")[1][:24]
+    tok = _tokenizer(records)
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+    )
+    model = T.AutoModelForCausalLM.from_config(cfg).double().eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50)  # spread the predictions so accuracy is not degenerate
+    got = evaluate(model, tok, records, batch_size=5)
+    acc, loss = _brute_force(model, tok, records)
+    assert got["accuracy"] == pytest.approx(acc, abs=1e-12)
+    assert got["loss"] == pytest.approx(loss, rel=1e-6)  # evaluate() takes log-softmax in float32
+    assert 0 < acc < 1
+
+
+def test_builtin_dataset_and_candidates():
+    train, held = builtin_dataset("arc_easy")
+    assert len(train) == 1000 and len(held) == 200
+    assert not {r["instruction"] for r in train} & {r["instruction"] for r in held}
+    assert all(r["answer"] in candidates(r) for r in held)
+
+
+def test_read_jsonl_reports_file_and_line(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"\n')
+    with pytest.raises(DataError, match=r"d.jsonl:2: malformed JSON"):
+        read_jsonl(p)
+    p.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "a"}\n')
+    with pytest.raises(DataError, match=r"d.jsonl:3: missing or non-string field\(s\) \['output'\]"):
+        read_jsonl(p)
+    p.write_bytes(b'{"instruction": "\xff"}')
+    with pytest.raises(DataError, match="not UTF-8"):
+        read_jsonl(p)
+    p.write_text("\n")
+    with pytest.raises(DataError, match="no records"):
+        read_jsonl(p)
+
+
+def test_tokenize_masks_prompt_and_keeps_response_when_truncating():
+    rec = builtin_dataset("arc_easy")[1][0]
+    tok = _tokenizer([rec])
+    full = tokenize(rec, tok, 10_000)
+    n_resp = sum(t != -100 for t in full["labels"])
+    assert full["input_ids"][-1] == tok.eos_token_id and n_resp == len(tok(rec["output"])["input_ids"]) + 1
+    short = tokenize(rec, tok, n_resp + 5)
+    assert len(short["input_ids"]) == n_resp + 5
+    assert short["labels"][-n_resp:] == full["labels"][-n_resp:]
