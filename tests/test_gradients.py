@@ -128,3 +128,19 @@ def test_clip_grad_norm_sees_delta_grads():
     assert norm > 1e-3
     total = torch.sqrt(sum((p.grad**2).sum() for p in params))
     assert total == pytest.approx(1e-3, rel=1e-4)  # clip divides by norm + 1e-6
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model = get_s2ft_model(tiny_model("llama"), BOTH)
+        randomize_deltas(model)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        ids = batch()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for n, g in grads[0].items():
+        assert (g - grads[1][n]).abs().max() <= 1e-10, n

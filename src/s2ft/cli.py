@@ -63,9 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--output-dir", default="s2ft-demo", help="where the adapter, plot and report go (default: %(default)s)"
     )
-    demo.add_argument("--steps", type=int, default=120, help="optimizer steps (default: %(default)s)")
-    demo.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW learning rate (default: %(default)s)")
-    demo.add_argument("--batch-size", type=int, default=8, help="sequences per step (default: %(default)s)")
+    demo.add_argument("--steps", type=int, default=80, help="optimizer steps (default: %(default)s)")
+    demo.add_argument("--learning-rate", type=float, default=2e-3, help="AdamW learning rate (default: %(default)s)")
+    demo.add_argument("--batch-size", type=int, default=4, help="sequences per step (default: %(default)s)")
     demo.add_argument(
         "--ffn-ratio",
         type=float,

@@ -101,8 +101,8 @@ def _summary(m: dict[str, float]) -> str:
 def run_demo(
     model_spec: str = "smollm2",
     output_dir: str | Path = "s2ft-demo",
-    steps: int = 120,
-    learning_rate: float = 1e-3,
+    steps: int = 80,
+    learning_rate: float = 2e-3,
     batch_size: int = 8,
     ffn_ratio: float = 0.03,
     eval_limit: int = 200,
