@@ -23,6 +23,19 @@ def full_ft_grads(ref, ids):
     return loss
 
 
+def check_exact_gradients(model, plain, ids=None):
+    """Non-zero deltas, one backward through S²FT and one through full fine-tuning of the merged
+    weights: equal losses, and every trained block's gradient equals the full gradient's slice."""
+    randomize_deltas(model)  # non-zero deltas: backward must use W_eff, not the base W
+    ref = merged_reference(model, plain)
+    ids = batch() if ids is None else ids
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    ref_loss = full_ft_grads(ref, ids)
+    assert abs(loss.item() - ref_loss.item()) <= 1e-10
+    assert_exact_slices(model, ref)
+
+
 def assert_exact_slices(s2ft_model, ref, tol=1e-10):
     checked = 0
     for path, layer in s2ft_model.named_s2ft_layers():
@@ -43,16 +56,7 @@ def assert_exact_slices(s2ft_model, ref, tol=1e-10):
 def test_gradients_equal_full_finetuning_slices(family):
     plain = tiny_model(family)
     model = get_s2ft_model(copy.deepcopy(plain), BOTH)
-    randomize_deltas(model)  # non-zero deltas: backward must use W_eff, not the base W
-    ref = merged_reference(model, plain)
-    ids = batch()
-
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    ref_loss = full_ft_grads(ref, ids)
-
-    assert abs(loss.item() - ref_loss.item()) <= 1e-10
-    assert_exact_slices(model, ref)
+    check_exact_gradients(model, plain)
     kinds = {p.split(".")[-1] for p, _ in model.named_s2ft_layers()}
     assert len(kinds) >= 3  # attention and FFN modules both trained
     frozen = [n for n, p in model.base_model.named_parameters() if ".s2ft." not in n]
@@ -94,12 +98,7 @@ def test_grouped_query_attention(shape, n_heads, n_kv, head_dim):
         want_kv = torch.tensor([g * head_dim + j for g in groups for j in range(head_dim)])
         assert torch.equal(k.row_idx, want_kv) and torch.equal(v.row_idx, want_kv)
         assert int(k.row_idx.max()) < n_kv * head_dim
-    randomize_deltas(model)
-    ref = merged_reference(model, plain)
-    ids = batch()
-    model(input_ids=ids, labels=ids).loss.backward()
-    full_ft_grads(ref, ids)
-    assert_exact_slices(model, ref)
+    check_exact_gradients(model, plain)
 
 
 def test_gradient_accumulation_equals_double_batch():
