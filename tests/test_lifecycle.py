@@ -135,6 +135,7 @@ def test_same_base_in_another_dtype_is_accepted(tmp_path):
         (lambda p: (p / CONFIG_NAME).write_bytes(b"\xff\xfe{}"), "not UTF-8"),
         (lambda p: (p / CONFIG_NAME).unlink(), "not an s2ft adapter"),
         (lambda p: _edit(p, format_version=99), "format_version 99"),
+        (_garbage_weights_with_matching_sha, "not a valid safetensors file"),
         (lambda p: _edit(p, config={"ffn_ratio": 2.0}), "ffn_ratio must be in"),
     ],
 )
@@ -143,6 +144,14 @@ def test_corrupt_adapter_files_fail_clearly(tmp_path, damage, match):
     damage(tmp_path / "a")
     with pytest.raises(AdapterError, match=match):
         S2FTModel.from_pretrained(tiny_model("llama"), tmp_path / "a")
+
+
+def _garbage_weights_with_matching_sha(path):
+    import hashlib
+
+    blob = b"\x08\x00\x00\x00\x00\x00\x00\x00not json"
+    (path / WEIGHTS_NAME).write_bytes(blob)
+    _edit(path, weights_sha256=hashlib.sha256(blob).hexdigest())
 
 
 def _edit(path, **fields):

@@ -46,8 +46,8 @@ def evaluate(
     device = next(model.parameters()).device
     items = []
     for rec in records:
-        seq = tokenize(rec, tokenizer, max_length, response=rec["output"])
-        resp_start = seq["labels"].index(next(t for t in seq["labels"] if t != -100))
+        seq = tokenize(rec, tokenizer, max_length)
+        resp_start = seq["labels"].count(-100)  # prompt tokens are the masked prefix
         cands = candidates(rec) or [rec["answer"]]
         cand_ids = [tokenizer(f"the correct answer is {c}", add_special_tokens=False)["input_ids"] for c in cands]
         shared = 0
