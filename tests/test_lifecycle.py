@@ -135,7 +135,7 @@ def test_same_base_in_another_dtype_is_accepted(tmp_path):
         (lambda p: (p / CONFIG_NAME).write_bytes(b"\xff\xfe{}"), "not UTF-8"),
         (lambda p: (p / CONFIG_NAME).unlink(), "not an s2ft adapter"),
         (lambda p: _edit(p, format_version=99), "format_version 99"),
-        (_garbage_weights_with_matching_sha, "not a valid safetensors file"),
+        (lambda p: _garbage_weights_with_matching_sha(p), "not a valid safetensors file"),
         (lambda p: _edit(p, config={"ffn_ratio": 2.0}), "ffn_ratio must be in"),
     ],
 )
