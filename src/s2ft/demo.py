@@ -143,12 +143,13 @@ def run_demo(
         learning_rate=learning_rate,
         lr_scheduler_type="linear",
         warmup_steps=max(1, steps // 10),
-        logging_steps=5,
+        logging_steps=max(1, min(5, steps // 4)),
         save_strategy="no",
         report_to=[],
         seed=seed,
         data_seed=seed,
         remove_unused_columns=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=False,
     )
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)

@@ -21,7 +21,10 @@ def plot_loss(series: dict[str, list[tuple[float, float]]], path: str | Path, ti
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.lines:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no loss logged", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
