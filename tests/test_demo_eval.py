@@ -101,3 +101,11 @@ def test_tokenize_masks_prompt_and_keeps_response_when_truncating():
     short = tokenize(rec, tok, n_resp + 5)
     assert len(short["input_ids"]) == n_resp + 5
     assert short["labels"][-n_resp:] == full["labels"][-n_resp:]
+
+
+def test_plot_loss_writes_png_even_without_points(tmp_path):
+    from s2ft.plots import plot_loss
+
+    for name, points in (("some", [(1, 2.0), (2, 1.5)]), ("none", [])):
+        path = plot_loss({"train": points}, tmp_path / f"{name}.png")
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
