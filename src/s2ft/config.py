@@ -13,7 +13,8 @@ from typing import Any
 
 FFN_ROLES = ("up", "gate", "down")
 ATTN_ROLES = ("q", "k", "v", "o")
-LAYER_ALLOCATIONS = ("uniform",)
+LAYER_ALLOCATIONS = ("uniform", "increasing", "decreasing", "random_one")
+ORDERS = ("large", "small")
 DELTA_DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
@@ -38,12 +39,18 @@ class S2FTConfig:
         attn_modules: Which matrices of the attention coupled structure are trained, by role
             (`q`, `k`, `v`, `o`). Default `("o",)`: the public recipes train output-projection
             columns of the selected heads. Only used when `attn_ratio > 0`.
-        strategy: How channels/heads are chosen. `"random"` (seeded; the paper's default).
-            Strategies are looked up in `s2ft.selection.STRATEGIES`.
+        strategy: How channels/heads are scored (paper §5.3): `"random"` (seeded; the paper's
+            default), `"weight"` (norm of the unit's trained weights), `"activation"` (norm of
+            its activations on calibration data), `"salience"` (Wanda-style weight × activation)
+            or `"gradient"` (norm of its weight gradient on calibration data). The last three
+            need calibration batches. Exact definitions: `s2ft.selection`.
+        order: `"large"` keeps the top-k units by score, `"small"` the bottom-k.
         seed: Seed of the selection; the same seed, model shape and config give the same
             indices on any machine.
-        layer_allocation: How the budget is spread over layers. `"uniform"`: the same count
-            in every layer (the paper's default).
+        layer_allocation: How the budget (the count `ffn_ratio`/`attn_ratio` gives every layer,
+            summed) is spread over layers: `"uniform"` (the same count everywhere, the paper's
+            default), `"increasing"`, `"decreasing"` (linearly), `"random_one"` (all in one
+            seeded random layer), or a list of one non-negative weight per layer.
         train_bias: Also train the bias entries of trained rows, where the base module has a
             bias (Qwen2 q/k/v, OPT, GPT-2). Bias vectors follow their rows (SPEC §2).
         delta_dtype: Storage dtype of the trainable deltas. `None` picks float32 when the
@@ -59,8 +66,9 @@ class S2FTConfig:
     ffn_modules: tuple[str, ...] = FFN_ROLES
     attn_modules: tuple[str, ...] = ("o",)
     strategy: str = "random"
+    order: str = "large"
     seed: int = 0
-    layer_allocation: str = "uniform"
+    layer_allocation: str | list[float] = "uniform"
     train_bias: bool = True
     delta_dtype: str | None = None
     structure_map: dict[str, Any] | None = field(default=None)
@@ -88,10 +96,27 @@ class S2FTConfig:
             raise ValueError(f"S2FTConfig.strategy must be one of {sorted(STRATEGIES)}, got {self.strategy!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"S2FTConfig.seed must be a non-negative integer, got {self.seed!r}")
-        if self.layer_allocation not in LAYER_ALLOCATIONS:
-            raise ValueError(
-                f"S2FTConfig.layer_allocation must be one of {list(LAYER_ALLOCATIONS)}, got {self.layer_allocation!r}"
-            )
+        if self.order not in ORDERS:
+            raise ValueError(f"S2FTConfig.order must be one of {list(ORDERS)}, got {self.order!r}")
+        alloc = self.layer_allocation
+        if isinstance(alloc, str):
+            if alloc not in LAYER_ALLOCATIONS:
+                raise ValueError(
+                    f"S2FTConfig.layer_allocation must be one of {list(LAYER_ALLOCATIONS)} or a list of "
+                    f"per-layer weights, got {alloc!r}"
+                )
+        else:
+            try:
+                weights = [float(w) for w in alloc]
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"S2FTConfig.layer_allocation must be a mode name or a list of numbers, got {alloc!r}"
+                ) from None
+            if not weights or any(w < 0 or w != w for w in weights) or sum(weights) == 0:
+                raise ValueError(
+                    f"S2FTConfig.layer_allocation weights must be non-negative and not all zero, got {alloc!r}"
+                )
+            self.layer_allocation = weights
         if not isinstance(self.train_bias, bool):
             raise ValueError(f"S2FTConfig.train_bias must be a bool, got {self.train_bias!r}")
         if self.delta_dtype is not None and self.delta_dtype not in DELTA_DTYPES:

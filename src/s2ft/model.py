@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -40,16 +40,30 @@ Indices = dict[str, dict[str, torch.Tensor]]  # module path -> {"rows": idx, "co
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def get_s2ft_model(model: nn.Module, config: S2FTConfig, adapter_name: str = "default") -> S2FTModel:
-    """Wrap `model` for S²FT training with `config` (the model is modified in place)."""
-    return S2FTModel(model, config, adapter_name)
+def get_s2ft_model(
+    model: nn.Module,
+    config: S2FTConfig,
+    adapter_name: str = "default",
+    calibration: Iterable[dict[str, Any]] | None = None,
+) -> S2FTModel:
+    """Wrap `model` for S²FT training with `config` (the model is modified in place).
+
+    `calibration`: batches (dicts with `input_ids`, optional `attention_mask`/`labels`) for the
+    data-dependent strategies (`activation`, `salience`, `gradient`); see `s2ft.data.calibration_batches`.
+    """
+    return S2FTModel(model, config, adapter_name, calibration=calibration)
 
 
 class S2FTModel(nn.Module):
     """A transformers model with S²FT adapters; forward/generate behave like the base model's."""
 
     def __init__(
-        self, model: nn.Module, config: S2FTConfig, adapter_name: str = "default", indices: Indices | None = None
+        self,
+        model: nn.Module,
+        config: S2FTConfig,
+        adapter_name: str = "default",
+        indices: Indices | None = None,
+        calibration: Iterable[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(model, S2FTModel):
@@ -63,19 +77,27 @@ class S2FTModel(nn.Module):
         self.active_adapter: str | None = None
         for p in model.parameters():
             p.requires_grad_(False)
-        self.add_adapter(adapter_name, config, indices=indices)
+        self.add_adapter(adapter_name, config, indices=indices, calibration=calibration)
         self.set_adapter(adapter_name)
 
     # ------------------------------------------------------------------ adapters
 
-    def add_adapter(self, adapter_name: str, config: S2FTConfig, indices: Indices | None = None) -> None:
+    def add_adapter(
+        self,
+        adapter_name: str,
+        config: S2FTConfig,
+        indices: Indices | None = None,
+        calibration: Iterable[dict[str, Any]] | None = None,
+    ) -> None:
         """Select (or take the given) indices for `config` and add a zero-initialised adapter."""
         if adapter_name in self.s2ft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists")
         smap = structure_map_for(self.base_model, config.structure_map)
         structure = resolve(self.base_model, smap)
         if indices is None:
-            indices = module_indices(structure, select(self.base_model, structure, config), config)
+            with self.disable_adapter():  # calibrate on the base model, not on other adapters
+                selection = select(self.base_model, structure, config, calibration)
+            indices = module_indices(structure, selection, config)
         for path, idx in indices.items():
             layer = self._layer_at(path)
             layer.add_adapter(
