@@ -1,4 +1,5 @@
-"""The `s2ft` command line: `s2ft demo` (the built-in default job) and `s2ft info ADAPTER`."""
+"""The `s2ft` command line: `s2ft demo` (the built-in default job), `s2ft inspect` (what a config
+or adapter trains; overlap of two adapters) and `s2ft info ADAPTER`."""
 
 from __future__ import annotations
 
@@ -41,6 +42,70 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    import time
+
+    from s2ft import inspection
+
+    if args.adapter:
+        if len(args.adapter) > 2:
+            raise ValueError("--adapter takes one adapter, or two to compare")
+        plans = [inspection.plan_from_adapter(a)[0] for a in args.adapter]
+        if len(plans) == 1:
+            print(inspection.table(plans[0]))
+        else:
+            print(inspection.overlap_table(inspection.overlap(*plans)))
+        if args.plot:
+            inspection.heatmap(
+                plans[0], args.plot, title=" vs ".join(args.adapter), other=plans[1] if len(plans) == 2 else None
+            )
+            print(f"heatmap: {args.plot}")
+        return 0
+    if not args.model:
+        raise ValueError("give --model (with config flags) or --adapter")
+    from s2ft.budget import match_lora
+    from s2ft.config import S2FTConfig
+    from s2ft.data import calibration_batches, read_jsonl
+    from s2ft.loading import load_model_and_tokenizer
+    from s2ft.model import get_s2ft_model
+
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    alloc = args.layer_allocation
+    if alloc not in ("uniform", "increasing", "decreasing", "random_one"):
+        alloc = [float(w) for w in alloc.split(",")]
+    config = S2FTConfig(
+        ffn_ratio=args.ffn_ratio,
+        attn_ratio=args.attn_ratio,
+        ffn_modules=args.ffn_modules,
+        attn_modules=args.attn_modules,
+        strategy=args.strategy,
+        order=args.order,
+        seed=args.seed,
+        layer_allocation=alloc,
+    )
+    if args.match_lora_rank:
+        config, report = match_lora(model, config, args.match_lora_rank, args.lora_modules.split(","))
+        print("budget matched to LoRA:", ", ".join(f"{k}={v}" for k, v in report.items()))
+    calibration = None
+    if config.strategy in ("activation", "salience", "gradient"):
+        if not args.calib_data:
+            raise ValueError(f"--strategy {config.strategy} needs --calib-data FILE.jsonl")
+        calibration = calibration_batches(read_jsonl(args.calib_data), tokenizer, args.calib_samples)
+    t = time.time()
+    s2ft_model = get_s2ft_model(model, config, calibration=calibration)
+    print(f"selection ({config.strategy}, {config.order}) took {time.time() - t:.2f}s")
+    plan = inspection.plan_from_model(s2ft_model)
+    print(inspection.table(plan))
+    s2ft_model.print_trainable_parameters()
+    if args.save_adapter:
+        s2ft_model.save_pretrained(args.save_adapter)
+        print(f"untrained adapter with these indices: {args.save_adapter}")
+    if args.plot:
+        inspection.heatmap(plan, args.plot, title=f"{args.model}: {config.strategy}/{config.order}")
+        print(f"heatmap: {args.plot}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="s2ft",
@@ -79,6 +144,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=0, help="seed for selection, data order and init (default: %(default)s)"
     )
     demo.set_defaults(func=_demo)
+
+    insp = sub.add_parser(
+        "inspect",
+        help="show what a config or adapter trains per layer and module; compare two adapters",
+        description="With --model and config flags: select, print trainable parameters per layer and module, "
+        "and (with --plot) write a heatmap of the selected rows/columns. With --adapter A: the same for a "
+        "saved adapter. With --adapter A --adapter B: their per-layer overlap (what fusion cares about).",
+    )
+    insp.add_argument("--model", help="base model: 'smollm2', a Hub id, a directory or a .gguf file")
+    insp.add_argument("--adapter", action="append", help="adapter directory (give twice to compare two)")
+    insp.add_argument("--ffn-ratio", type=float, default=0.03, help="fraction of FFN channels per layer")
+    insp.add_argument("--attn-ratio", type=float, default=0.0, help="fraction of query heads per layer")
+    insp.add_argument("--ffn-modules", default="up,gate,down", help="trained FFN roles (default: %(default)s)")
+    insp.add_argument("--attn-modules", default="o", help="trained attention roles (default: %(default)s)")
+    insp.add_argument("--strategy", default="random", help="random, weight, activation, salience or gradient")
+    insp.add_argument("--order", default="large", help="large (top-k) or small (bottom-k)")
+    insp.add_argument("--seed", type=int, default=0)
+    insp.add_argument(
+        "--layer-allocation",
+        default="uniform",
+        help="uniform, increasing, decreasing, random_one, or comma-separated per-layer weights",
+    )
+    insp.add_argument("--match-lora-rank", type=int, help="solve the ratio to train as many parameters as LoRA rank R")
+    insp.add_argument("--lora-modules", default="q,k,v,up,down", help="LoRA target roles for --match-lora-rank")
+    insp.add_argument("--calib-data", help="JSONL (instruction/input/output) for data-dependent strategies")
+    insp.add_argument("--calib-samples", type=int, default=64, help="calibration samples (default: %(default)s)")
+    insp.add_argument("--save-adapter", help="also save the (untrained) adapter, i.e. the selected indices")
+    insp.add_argument("--plot", help="write a PNG heatmap here")
+    insp.set_defaults(func=_inspect)
 
     info = sub.add_parser("info", help="describe a saved adapter", description="Print what an adapter directory holds.")
     info.add_argument("adapter", help="adapter directory written by save_pretrained")

@@ -83,3 +83,37 @@ def tokenize(
         r = r[: max_length - len(p)]
     ids = p + r
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * len(p) + r}
+
+
+def calibration_batches(
+    records: list[dict[str, Any]],
+    tokenizer: Any,
+    n_samples: int = 64,
+    batch_size: int = 8,
+    max_length: int = 256,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Padded batches of `n_samples` records (a seeded sample) for data-dependent selection."""
+    import random
+
+    import torch
+
+    if n_samples <= 0:
+        raise ValueError(f"calibration samples must be positive, got {n_samples}")
+    picked = random.Random(seed).sample(records, min(n_samples, len(records)))
+    rows = [tokenize(r, tokenizer, max_length) for r in picked]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batches = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        width = max(len(r["input_ids"]) for r in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+        for i, r in enumerate(chunk):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.tensor(r["input_ids"])
+            mask[i, :n] = 1
+            labels[i, :n] = torch.tensor(r["labels"])
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return batches
