@@ -71,14 +71,10 @@ def match_lora(model: nn.Module, config: S2FTConfig, rank: int, roles: Iterable[
     n = part.n_channels if kind == "ffn" else part.n_heads
     if cost == 0:
         raise ValueError(f"S2FTConfig.{kind}_modules={list(modules)} train nothing on this model")
-    fixed_other = 0
-    other = (
-        dataclasses.replace(config, **{f"{kind}_ratio": 0.0})
-        if (config.ffn_ratio > 0 and config.attn_ratio > 0)
-        else None
-    )
-    if other is not None:
-        fixed_other = sum(s2ft_parameters(model, structure, other)) // len(structure.blocks)
+    fixed_other = 0  # heads stay as configured when channels are solved for
+    if config.ffn_ratio > 0 and config.attn_ratio > 0:
+        heads_only = dataclasses.replace(config, ffn_ratio=0.0)
+        fixed_other = sum(s2ft_parameters(model, structure, heads_only)) // len(structure.blocks)
     per_layer = sum(lora) / len(lora) - fixed_other
     k = max(1, min(n, round(per_layer / cost)))
     matched = dataclasses.replace(config, **{f"{kind}_ratio": k / n})
