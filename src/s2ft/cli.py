@@ -66,10 +66,10 @@ def _inspect(args: argparse.Namespace) -> int:
     from s2ft.budget import match_lora
     from s2ft.config import S2FTConfig
     from s2ft.data import calibration_batches, read_jsonl
-    from s2ft.loading import load_model_and_tokenizer
+    from s2ft.loading import load_model, load_tokenizer
     from s2ft.model import get_s2ft_model
 
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    model = load_model(args.model)
     alloc = args.layer_allocation
     if alloc not in ("uniform", "increasing", "decreasing", "random_one"):
         alloc = [float(w) for w in alloc.split(",")]
@@ -90,7 +90,8 @@ def _inspect(args: argparse.Namespace) -> int:
     if config.strategy in ("activation", "salience", "gradient"):
         if not args.calib_data:
             raise ValueError(f"--strategy {config.strategy} needs --calib-data FILE.jsonl")
-        calibration = calibration_batches(read_jsonl(args.calib_data), tokenizer, args.calib_samples)
+        records = read_jsonl(args.calib_data)
+        calibration = calibration_batches(records, load_tokenizer(args.model), args.calib_samples)
     t = time.time()
     s2ft_model = get_s2ft_model(model, config, calibration=calibration)
     print(f"selection ({config.strategy}, {config.order}) took {time.time() - t:.2f}s")

@@ -112,15 +112,25 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def load_model_and_tokenizer(spec: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None):
-    """Load `(model, tokenizer)` for `spec` (see module docstring) on `device` in `dtype`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model(spec: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+    """Load the model for `spec` (see module docstring) on `device` in `dtype`."""
+    from transformers import AutoModelForCausalLM
 
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
-    path = resolve_model(spec)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    return AutoModelForCausalLM.from_pretrained(resolve_model(spec), dtype=dtype).to(device)
+
+
+def load_tokenizer(spec: str):
+    """The tokenizer for `spec`, with a pad token (EOS when the tokenizer has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(spec))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-    return model, tokenizer
+    return tokenizer
+
+
+def load_model_and_tokenizer(spec: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+    """`(load_model(spec, dtype, device), load_tokenizer(spec))`."""
+    return load_model(spec, dtype, device), load_tokenizer(spec)
