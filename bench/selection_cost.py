@@ -60,6 +60,8 @@ def main() -> None:
 
     model, batches, vocab = _tiny() if args.smoke else _smollm2(args.calib_samples)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():  # warm-up, so the first strategy timed does not pay for it
+        model(input_ids=batches[0]["input_ids"])
     results = []
     for strategy in STRATEGIES:
         model.load_state_dict(base_state)

@@ -16,6 +16,7 @@ modified; the model is returned in its original train/eval mode.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,6 +68,9 @@ def collect(
         emb = model.get_input_embeddings()
         handles.append(emb.register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
 
+    # statistics of the blocks need no logits unless we backpropagate a loss: skip the LM head
+    accepts = inspect.signature(model.forward).parameters
+    extra = {"logits_to_keep": 1} if not gradients and "logits_to_keep" in accepts else {}
     was_training = model.training
     model.eval()
     try:
@@ -80,7 +84,7 @@ def collect(
                 stats.batches += 1
                 labels = batch.get("labels")
                 labels = ids.masked_fill(mask == 0, -100) if labels is None else labels.to(device)
-                out = model(input_ids=ids, attention_mask=mask, labels=labels if gradients else None)
+                out = model(input_ids=ids, attention_mask=mask, labels=labels if gradients else None, **extra)
                 if gradients:
                     out.loss.backward()
     finally:
