@@ -24,3 +24,23 @@ def test_selection_cost_smoke(tmp_path):
     result = json.loads((tmp_path / "sel.json").read_text())
     assert {r["strategy"] for r in result["results"]} == {"random", "weight", "activation", "salience", "gradient"}
     assert (tmp_path / "sel.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_train_efficiency_smoke(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "train_efficiency.py"), "--smoke", "--out", str(tmp_path / "te")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "te.json").read_text())
+    methods = result["sizes"]["tiny"]["methods"]
+    assert set(methods) == {"floor", "s2ft", "lora", "dora", "full"}
+    assert methods["floor"]["trainable"] == 0 and methods["floor"]["optimizer_bytes"] == 0
+    assert 0 < methods["s2ft"]["trainable"] <= methods["lora"]["trainable"] < methods["full"]["trainable"]
+    full = methods["full"]  # AdamW: two fp32 moments per parameter, plus a 4-byte step per tensor
+    assert 8 * full["trainable"] <= full["optimizer_bytes"] < 8 * full["trainable"] + 4096
+    assert methods["s2ft"]["time_vs_floor"] > 0 and (tmp_path / "te.png").read_bytes()[:4] == b"\x89PNG"
