@@ -142,6 +142,15 @@ def _saved_bytes(model, run) -> int:
     return sum(seen.values())
 
 
+def _steal_seconds() -> float:
+    """Host-wide CPU time stolen from this VM so far (Linux /proc/stat), in seconds."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def worker(args) -> dict:
     device, dtype = args.device, getattr(torch, args.dtype)
     batch, seq = SIZES[args.size]
@@ -163,16 +172,18 @@ def worker(args) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-    times = []
+    times, cpu_times, steal = [], [], []
     for i in range(args.warmup + args.steps):
         if device == "cuda":
             torch.cuda.synchronize()
-        t = time.perf_counter()
+        t, c, st = time.perf_counter(), time.process_time(), _steal_seconds()
         step()
         if device == "cuda":
             torch.cuda.synchronize()
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
+            cpu_times.append(time.process_time() - c)  # all threads; excludes time stolen by the host
+            steal.append(_steal_seconds() - st)
     peak = (
         torch.cuda.max_memory_allocated()
         if device == "cuda"
@@ -184,6 +195,8 @@ def worker(args) -> dict:
         for state in opt.state.values():
             opt_bytes += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
     return {
+        "cpu_times": cpu_times,
+        "steal_seconds": steal,
         "method": args.method,
         "size": args.size,
         "times": times,
@@ -245,11 +258,14 @@ def _summarize(runs: dict[str, list[dict]], size: str) -> dict:
     rows = {}
     for method, results in runs.items():
         times = [t for r in results for t in r["times"]]
+        cpu = [t for r in results for t in r.get("cpu_times", [])]
         med = statistics.median(times)
         rows[method] = {
             "median_s": med,
             "min_s": min(times),
             "max_s": max(times),
+            "median_cpu_s": statistics.median(cpu) if cpu else None,
+            "steal_s": sum(t for r in results for t in r.get("steal_seconds", [])),
             "spread": (max(times) - min(times)) / med,
             "steps": len(times),
             "peak_bytes": max(r["peak_bytes"] for r in results),
@@ -262,23 +278,57 @@ def _summarize(runs: dict[str, list[dict]], size: str) -> dict:
         for ref in ("floor", "lora", "full"):
             if ref in rows:
                 row[f"time_vs_{ref}"] = row["median_s"] / rows[ref]["median_s"]
+                if row["median_cpu_s"] and rows[ref]["median_cpu_s"]:
+                    row[f"cpu_vs_{ref}"] = row["median_cpu_s"] / rows[ref]["median_cpu_s"]
                 row[f"memory_vs_{ref}"] = row["peak_bytes"] / rows[ref]["peak_bytes"]
     return {"batch": SIZES[size], "methods": rows}
 
 
 def _table(summary: dict) -> str:
-    head = (
-        f"{'method':>6} {'median s':>9} {'spread':>7} {'peak GiB':>9} {'saved MiB':>10} {'trainable':>12} "
-        f"{'optim MiB':>10} {'t/floor':>8} {'t/LoRA':>7} {'t/full':>7} {'m/floor':>8} {'m/LoRA':>7} {'m/full':>7}"
-    )
-    lines = [f"batch {tuple(summary['batch'])}", head]
+    cols = [
+        ("method", 6),
+        ("wall s", 7),
+        ("spread", 7),
+        ("cpu s", 7),
+        ("peak GiB", 9),
+        ("saved MiB", 10),
+        ("trainable", 12),
+        ("optim MiB", 10),
+        ("t/floor", 8),
+        ("t/LoRA", 7),
+        ("t/full", 7),
+        ("c/floor", 8),
+        ("c/LoRA", 7),
+        ("m/floor", 8),
+        ("m/LoRA", 7),
+        ("m/full", 7),
+    ]
+    lines = [f"batch {tuple(summary['batch'])}", " ".join(f"{n:>{w}}" for n, w in cols)]
     for m, r in summary["methods"].items():
-        lines.append(
-            f"{m:>6} {r['median_s']:>9.2f} {r['spread']:>6.0%} {r['peak_bytes'] / 2**30:>9.2f} "
-            f"{r['saved_bytes'] / 2**20:>10.1f} {r['trainable']:>12,} {r['optimizer_bytes'] / 2**20:>10.1f} "
-            f"{r.get('time_vs_floor', 0):>8.2f} {r.get('time_vs_lora', 0):>7.2f} {r.get('time_vs_full', 0):>7.2f} "
-            f"{r.get('memory_vs_floor', 0):>8.2f} {r.get('memory_vs_lora', 0):>7.2f} {r.get('memory_vs_full', 0):>7.2f}"
-        )
+        values = [
+            m,
+            f"{r['median_s']:.2f}",
+            f"{r['spread']:.0%}",
+            f"{r['median_cpu_s'] or 0:.2f}",
+            f"{r['peak_bytes'] / 2**30:.2f}",
+            f"{r['saved_bytes'] / 2**20:.1f}",
+            f"{r['trainable']:,}",
+            f"{r['optimizer_bytes'] / 2**20:.1f}",
+        ]
+        values += [
+            f"{r.get(k, 0):.2f}"
+            for k in (
+                "time_vs_floor",
+                "time_vs_lora",
+                "time_vs_full",
+                "cpu_vs_floor",
+                "cpu_vs_lora",
+                "memory_vs_floor",
+                "memory_vs_lora",
+                "memory_vs_full",
+            )
+        ]
+        lines.append(" ".join(f"{v:>{w}}" for v, (_, w) in zip(values, cols, strict=True)))
     return "\n".join(lines)
 
 

@@ -44,3 +44,17 @@ def test_train_efficiency_smoke(tmp_path):
     full = methods["full"]  # AdamW: two fp32 moments per parameter, plus a 4-byte step per tensor
     assert 8 * full["trainable"] <= full["optimizer_bytes"] < 8 * full["trainable"] + 4096
     assert methods["s2ft"]["time_vs_floor"] > 0 and (tmp_path / "te.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_ab_floor_smoke(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "ab_floor.py"), "--smoke", "--out", str(tmp_path / "ab.json")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "ab.json").read_text())
+    assert len(result["pairs"]) == 2 and result["median_ratio"] > 0
