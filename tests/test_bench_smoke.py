@@ -11,31 +11,23 @@ from pathlib import Path
 ROOT = Path(__file__).parents[1]
 
 
-def test_selection_cost_smoke(tmp_path):
+def run_bench(script: str, *args: str, timeout: int = 600) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "selection_cost.py"), "--smoke", "--out", str(tmp_path / "sel")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
+        [sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True, env=env, timeout=timeout
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_selection_cost_smoke(tmp_path):
+    run_bench("selection_cost.py", "--smoke", "--out", str(tmp_path / "sel"))
     result = json.loads((tmp_path / "sel.json").read_text())
     assert {r["strategy"] for r in result["results"]} == {"random", "weight", "activation", "salience", "gradient"}
     assert (tmp_path / "sel.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_train_efficiency_smoke(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "train_efficiency.py"), "--smoke", "--out", str(tmp_path / "te")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_bench("train_efficiency.py", "--smoke", "--out", str(tmp_path / "te"))
     result = json.loads((tmp_path / "te.json").read_text())
     methods = result["sizes"]["tiny"]["methods"]
     assert set(methods) == {"floor", "s2ft", "lora", "dora", "full"}
@@ -47,14 +39,6 @@ def test_train_efficiency_smoke(tmp_path):
 
 
 def test_ab_floor_smoke(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "ab_floor.py"), "--smoke", "--out", str(tmp_path / "ab.json")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_bench("ab_floor.py", "--smoke", "--out", str(tmp_path / "ab.json"))
     result = json.loads((tmp_path / "ab.json").read_text())
     assert len(result["pairs"]) == 2 and result["median_ratio"] > 0

@@ -43,15 +43,14 @@ def _brute_force(model, tok, records):
     return correct / len(records), nll / n
 
 
-def test_one_pass_evaluator_matches_brute_force():
-    records = builtin_dataset("arc_easy")[1][:24]
-    tok = _tokenizer(records)
+def tiny_llama_for(tok, num_hidden_layers: int = 2):
+    """A tiny random LLaMA whose vocabulary is `tok`'s (pad 0, eos 1)."""
     torch.manual_seed(0)
     cfg = T.LlamaConfig(
         vocab_size=len(tok),
         hidden_size=32,
         intermediate_size=48,
-        num_hidden_layers=2,
+        num_hidden_layers=num_hidden_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
@@ -59,7 +58,13 @@ def test_one_pass_evaluator_matches_brute_force():
         eos_token_id=1,
         bos_token_id=None,
     )
-    model = T.AutoModelForCausalLM.from_config(cfg).double().eval()
+    return T.AutoModelForCausalLM.from_config(cfg)
+
+
+def test_one_pass_evaluator_matches_brute_force():
+    records = builtin_dataset("arc_easy")[1][:24]
+    tok = _tokenizer(records)
+    model = tiny_llama_for(tok).double().eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(50)  # spread the predictions so accuracy is not degenerate
     got = evaluate(model, tok, records, batch_size=5)

@@ -9,11 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from s2ft.cli import main
 from s2ft.data import builtin_dataset
-from test_demo_eval import _tokenizer
+from test_demo_eval import _tokenizer, tiny_llama_for
 
 
 @pytest.fixture(scope="module")
@@ -21,22 +20,7 @@ def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny")
     records = builtin_dataset("arc_easy")[1][:16]
     tok = _tokenizer(records)
-    import transformers as T
-
-    torch.manual_seed(0)
-    cfg = T.LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=None,
-    )
-    T.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tiny_llama_for(tok, num_hidden_layers=3).save_pretrained(path)
     tok.save_pretrained(path)
     with open(path / "calib.jsonl", "w") as f:
         for r in records:
