@@ -29,25 +29,14 @@ def main() -> None:
         sys.path.insert(0, args.src)
 
     import torch
-    import transformers as T
+    from train_efficiency import SIZES, bench_model  # sibling script: the same benchmark models
 
     from s2ft import S2FTConfig, get_s2ft_model
 
+    size = "tiny" if args.smoke else "smollm2"
+    model, shape = bench_model(size, torch.float32, "cpu"), SIZES[size]
     if args.smoke:
-        torch.manual_seed(0)
-        cfg = T.LlamaConfig(
-            vocab_size=128,
-            hidden_size=64,
-            intermediate_size=160,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-        model, shape, args.pairs = T.AutoModelForCausalLM.from_config(cfg), (2, 32), 2
-    else:
-        from s2ft.loading import resolve_model
-
-        model, shape = T.AutoModelForCausalLM.from_pretrained(resolve_model("smollm2"), dtype=torch.float32), (4, 256)
+        args.pairs = 2
     for p in model.parameters():
         p.requires_grad_(False)
     model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True))

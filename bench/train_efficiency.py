@@ -44,7 +44,8 @@ SIZES = {
 }
 
 
-def _model(size: str, dtype: torch.dtype, device: str):
+def bench_model(size: str, dtype: torch.dtype, device: str):
+    """The benchmark model of `size` ("smollm2", "llama-0.5b" or "tiny"); also used by ab_floor.py."""
     import transformers as T
 
     if size == "smollm2":
@@ -154,7 +155,7 @@ def _steal_seconds() -> float:
 def worker(args) -> dict:
     device, dtype = args.device, getattr(torch, args.dtype)
     batch, seq = SIZES[args.size]
-    model = _model(args.size, dtype, device)
+    model = bench_model(args.size, dtype, device)
     model.train()
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
