@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
 import transformers as T
+from tokenizers import Tokenizer, models, pre_tokenizers
 
+from s2ft.data import prompt
 from s2ft.layers import S2FTLayer
 from s2ft.structures import weight_view
 
@@ -127,3 +130,37 @@ def trained_blocks(model) -> dict[str, torch.Tensor]:
 
 
 __all__ = ["FAMILIES", "S2FTLayer", "batch", "merged_reference", "randomize_deltas", "tiny_model", "trained_blocks"]
+
+
+def word_tokenizer(records):
+    """A word-level fast tokenizer covering `records`' Alpaca prompts and responses, with a
+    minimal chat template (pad 0, eos 1)."""
+    text = " ".join(prompt(r) + " " + r["output"] for r in records) + " the correct answer is user assistant system :"
+    words = sorted(set(re.findall(r"\w+|[^\w\s]+", text)) | {f"answer{i}" for i in range(1, 6)})
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = T.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    fast.chat_template = (
+        "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} <eos> {% endfor %}"
+        "{% if add_generation_prompt %}assistant : {% endif %}"
+    )
+    return fast
+
+
+def tiny_llama_for(tok, num_hidden_layers: int = 2):
+    """A tiny random LLaMA whose vocabulary is `tok`'s (pad 0, eos 1)."""
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+    )
+    return T.AutoModelForCausalLM.from_config(cfg)

@@ -3,24 +3,12 @@ label scoring) agrees with a brute-force unbatched scorer; data reading reports 
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
-import transformers as T
-from tokenizers import Tokenizer, models, pre_tokenizers
+from conftest import tiny_llama_for, word_tokenizer
 
-from s2ft.data import DataError, builtin_dataset, prompt, read_jsonl, tokenize
+from s2ft.data import DataError, builtin_dataset, read_jsonl, tokenize
 from s2ft.demo import candidates, evaluate
-
-
-def _tokenizer(records):
-    text = " ".join(prompt(r) + " " + r["output"] for r in records) + " the correct answer is"
-    words = sorted(set(re.findall(r"\w+|[^\w\s]+", text)) | {f"answer{i}" for i in range(1, 6)})
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return T.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
 @torch.no_grad()
@@ -43,27 +31,9 @@ def _brute_force(model, tok, records):
     return correct / len(records), nll / n
 
 
-def tiny_llama_for(tok, num_hidden_layers: int = 2):
-    """A tiny random LLaMA whose vocabulary is `tok`'s (pad 0, eos 1)."""
-    torch.manual_seed(0)
-    cfg = T.LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=None,
-    )
-    return T.AutoModelForCausalLM.from_config(cfg)
-
-
 def test_one_pass_evaluator_matches_brute_force():
     records = builtin_dataset("arc_easy")[1][:24]
-    tok = _tokenizer(records)
+    tok = word_tokenizer(records)
     model = tiny_llama_for(tok).double().eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(50)  # spread the predictions so accuracy is not degenerate
@@ -99,7 +69,7 @@ def test_read_jsonl_reports_file_and_line(tmp_path):
 
 def test_tokenize_masks_prompt_and_keeps_response_when_truncating():
     rec = builtin_dataset("arc_easy")[1][0]
-    tok = _tokenizer([rec])
+    tok = word_tokenizer([rec])
     full = tokenize(rec, tok, 10_000)
     n_resp = sum(t != -100 for t in full["labels"])
     assert full["input_ids"][-1] == tok.eos_token_id and n_resp == len(tok(rec["output"])["input_ids"]) + 1

@@ -9,17 +9,17 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import tiny_llama_for, word_tokenizer
 
 from s2ft.cli import main
 from s2ft.data import builtin_dataset
-from test_demo_eval import _tokenizer, tiny_llama_for
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny")
     records = builtin_dataset("arc_easy")[1][:16]
-    tok = _tokenizer(records)
+    tok = word_tokenizer(records)
     tiny_llama_for(tok, num_hidden_layers=3).save_pretrained(path)
     tok.save_pretrained(path)
     with open(path / "calib.jsonl", "w") as f:

@@ -91,6 +91,49 @@ def match_lora(model: nn.Module, config: S2FTConfig, rank: int, roles: Iterable[
     return matched, report
 
 
+def match_rank(model: nn.Module, config: S2FTConfig, roles: Iterable[str]) -> tuple[int, dict]:
+    """The LoRA rank on `roles` whose trainable-parameter count comes closest to what `config`
+    trains (the reverse of `match_lora`), and a report."""
+    structure = resolve(model, structure_map_for(model, config.structure_map))
+    roles = list(roles)
+    s2ft_total = sum(s2ft_parameters(model, structure, config))
+    per_rank = sum(lora_parameters(model, structure, 1, roles))
+    if per_rank == 0:
+        raise ValueError(f"LoRA target roles {roles} match no module of this model")
+    rank = max(1, round(s2ft_total / per_rank))
+    report = {
+        "lora_rank": rank,
+        "lora_roles": roles,
+        "lora_parameters": rank * per_rank,
+        "s2ft_parameters": s2ft_total,
+    }
+    return rank, report
+
+
+def lora_target_modules(model: nn.Module, roles: Iterable[str], structure_map: dict | None = None) -> list[str]:
+    """PEFT `target_modules` (module-name suffixes) for roles such as `q, v, up, down`.
+
+    A role inside a fused projection (Phi-3 `qkv_proj`, GPT-2 `c_attn`) targets the whole
+    fused module: PEFT adapts modules, not row blocks.
+    """
+    structure = resolve(model, structure_map_for(model, structure_map))
+    roles = list(roles)
+    bad = [r for r in roles if r not in FFN_ROLES + ATTN_ROLES]
+    if bad:
+        raise ValueError(f"unknown LoRA target role(s) {bad}; use {list(FFN_ROLES + ATTN_ROLES)}")
+    block = structure.blocks[0]
+    names = []
+    for part in (block.ffn, block.attn):
+        for role, slot in (part.slots.items() if part is not None else ()):
+            prefix = structure.structure_map["layers"] + f".{block.index}."
+            name = slot.path[len(prefix) :] if slot.path.startswith(prefix) else slot.path
+            if role in roles and name not in names:
+                names.append(name)
+    if not names:
+        raise ValueError(f"LoRA target roles {roles} match no module of this model")
+    return names
+
+
 def _role_shape(model: nn.Module, part, role: str) -> tuple[int, int]:
     slot = part.slots[role]
     w = weight_view(getattr(model.get_submodule(slot.path), "base_layer", model.get_submodule(slot.path)))

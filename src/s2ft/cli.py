@@ -1,5 +1,6 @@
-"""The `s2ft` command line: `s2ft demo` (the built-in default job), `s2ft inspect` (what a config
-or adapter trains; overlap of two adapters) and `s2ft info ADAPTER`."""
+"""The `s2ft` command line: `s2ft train` (fine-tune with S²FT, LoRA, DoRA or full FT),
+`s2ft demo` (the built-in default job), `s2ft inspect` (what a config or adapter trains;
+overlap of two adapters) and `s2ft info ADAPTER`."""
 
 from __future__ import annotations
 
@@ -23,6 +24,14 @@ def _demo(args: argparse.Namespace) -> int:
         eval_limit=args.eval_limit,
         seed=args.seed,
     )
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from s2ft.train import resolve_args, run_train
+
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
+    run_train(resolve_args(given))
     return 0
 
 
@@ -115,6 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"s2ft {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    from s2ft.train import add_arguments
+
+    train = sub.add_parser(
+        "train",
+        help="fine-tune a model with S²FT (or LoRA, DoRA, full FT) on your data",
+        description="Fine-tune --model on --data with transformers Trainer and write the adapter (or model), "
+        "train_config.yaml, metrics.jsonl, loss.png and checkpoints to --output-dir. Every option can also come "
+        "from a YAML file (--config); flags win over the file. Multi-process: torchrun --nproc_per_node N "
+        "-m s2ft.cli train ... (or accelerate launch).",
+        epilog="example: s2ft train --model smollm2 --data builtin:arc_easy --output-dir runs/arc "
+        "--max-steps 100 --learning-rate 2e-3 --val-split 0.05",
+    )
+    add_arguments(train)
+    train.set_defaults(func=_train)
 
     demo = sub.add_parser(
         "demo",

@@ -1,0 +1,652 @@
+"""`s2ft train`: the fine-tuning recipe. One pipeline for S²FT, PEFT LoRA/DoRA and full
+fine-tuning on transformers `Trainer` (gradient accumulation, schedules, checkpoints, resume,
+DDP under `torchrun`/`accelerate launch`).
+
+`TrainArgs` holds every option once; the CLI flags are generated from it and a YAML file
+(`--config`) may set any of them. Precedence: defaults < the run's saved config (with
+`--resume`) < the YAML file < flags on the command line.
+
+Output directory:
+
+    OUT/train_config.yaml      the resolved options (rerun with `s2ft train --config` this file)
+    OUT/metrics.jsonl          one JSON object per logging/eval event
+    OUT/loss.png               train and validation loss curves
+    OUT/adapter/               the S²FT adapter (or the PEFT adapter for lora/dora)
+    OUT/model/                 the full model and tokenizer (--method full)
+    OUT/summary.json           sizes, times and final losses
+    OUT/checkpoints/checkpoint-N/   Trainer checkpoints; S²FT ones also hold `adapter/`
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+import sys
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+METHODS = ("s2ft", "lora", "dora", "full")
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEFAULT_LR = {"s2ft": 2e-4, "lora": 2e-4, "dora": 2e-4, "full": 2e-5}
+RUN_FILES = ("train_config.yaml", "metrics.jsonl", "loss.png", "summary.json", "adapter", "model", "checkpoints")
+
+
+@dataclass
+class TrainArgs:
+    """Options of `s2ft train`; each is also a flag (`output_dir` -> `--output-dir`)."""
+
+    model: str = field(default="smollm2", metadata={"help": "base model: 'smollm2', a Hub id, a directory or a .gguf"})
+    data: str | None = field(
+        default=None,
+        metadata={
+            "help": "training data: .jsonl/.json/.csv file, a datasets name or directory, or builtin:arc_easy. "
+            "Records are Alpaca (instruction/input/output) or chat (messages)"
+        },
+    )
+    output_dir: str | None = field(default=None, metadata={"help": "where the adapter, metrics and checkpoints go"})
+    method: str = field(default="s2ft", metadata={"help": f"one of {', '.join(METHODS)}"})
+    # data
+    data_split: str = field(default="train", metadata={"help": "split of a datasets name/directory"})
+    val_data: str | None = field(default=None, metadata={"help": "validation data (same formats as --data)"})
+    val_split: float = field(
+        default=0.0, metadata={"help": "hold out this fraction (< 1) or number (>= 1) of the training records"}
+    )
+    max_samples: int | None = field(default=None, metadata={"help": "train on a seeded subset of this many records"})
+    template: str = field(
+        default="auto",
+        metadata={"help": "prompt template: alpaca (LLM-Adapters), chat (the tokenizer's), auto (by record format)"},
+    )
+    max_length: int = field(default=512, metadata={"help": "maximum tokens per sample"})
+    long_samples: str = field(default="truncate", metadata={"help": "samples over --max-length: truncate or skip"})
+    # S²FT
+    ffn_ratio: float = field(default=0.03, metadata={"help": "S²FT: fraction of FFN channels trained per layer"})
+    attn_ratio: float = field(default=0.0, metadata={"help": "S²FT: fraction of query heads trained per layer"})
+    ffn_modules: str = field(default="up,gate,down", metadata={"help": "S²FT: FFN roles trained"})
+    attn_modules: str = field(default="o", metadata={"help": "S²FT: attention roles trained (of q,k,v,o)"})
+    strategy: str = field(
+        default="random", metadata={"help": "S²FT selection: random, weight, activation, salience, gradient"}
+    )
+    order: str = field(default="large", metadata={"help": "S²FT selection: large (top-k) or small (bottom-k)"})
+    layer_allocation: str = field(
+        default="uniform",
+        metadata={"help": "uniform, increasing, decreasing, random_one, or comma-separated per-layer weights"},
+    )
+    calib_samples: int = field(
+        default=64, metadata={"help": "training records used to score data-dependent strategies"}
+    )
+    # LoRA / DoRA
+    lora_rank: int = field(default=16, metadata={"help": "LoRA/DoRA rank"})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA/DoRA alpha (default: 2 x rank)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA/DoRA dropout"})
+    lora_modules: str = field(
+        default="q,k,v,up,down", metadata={"help": "LoRA/DoRA target roles (of q,k,v,o,up,gate,down)"}
+    )
+    match_params: bool = field(
+        default=False,
+        metadata={
+            "help": "s2ft: solve --ffn-ratio to train as many parameters as LoRA --lora-rank on --lora-modules; "
+            "lora/dora: solve --lora-rank to match the S²FT options"
+        },
+    )
+    # optimisation
+    learning_rate: float | None = field(
+        default=None, metadata={"help": "AdamW learning rate (default: 2e-4; 2e-5 for --method full)"}
+    )
+    epochs: float = field(default=1.0, metadata={"help": "passes over the training data (unless --max-steps)"})
+    max_steps: int = field(default=-1, metadata={"help": "optimizer steps; overrides --epochs when > 0"})
+    batch_size: int = field(default=4, metadata={"help": "sequences per device per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    lr_scheduler: str = field(default="linear", metadata={"help": f"one of {', '.join(SCHEDULERS)}"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 disables)"})
+    seed: int = field(default=0, metadata={"help": "seed of selection, data order, splits and init"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
+    # bookkeeping
+    logging_steps: int = field(default=10, metadata={"help": "log the training loss every N steps"})
+    eval_steps: int | None = field(
+        default=None, metadata={"help": "validation loss every N steps (default: --save-steps)"}
+    )
+    save_steps: int = field(default=100, metadata={"help": "checkpoint every N steps"})
+    save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept"})
+    dtype: str = field(
+        default="auto", metadata={"help": "auto (bf16 on capable GPUs, else fp32), float32, bfloat16, float16"}
+    )
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, mps"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --output-dir from its last checkpoint"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a run already in --output-dir"})
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"--{name.replace('_', '-')}: {why}")
+
+        if self.method not in METHODS:
+            raise bad("method", f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
+        choices = {
+            "template": ("auto", "alpaca", "chat"),
+            "long_samples": ("truncate", "skip"),
+            "lr_scheduler": SCHEDULERS,
+            "dtype": DTYPES,
+            "order": ("large", "small"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise bad(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        positive = ("max_length", "batch_size", "grad_accum", "lora_rank", "logging_steps", "save_steps")
+        for name in positive + ("calib_samples", "save_total_limit"):
+            if getattr(self, name) <= 0:
+                raise bad(name, f"must be positive, got {getattr(self, name)}")
+        if self.eval_steps is not None and self.eval_steps <= 0:
+            raise bad("eval_steps", f"must be positive, got {self.eval_steps}")
+        for name in ("warmup_steps", "weight_decay", "max_grad_norm", "lora_dropout"):
+            if getattr(self, name) < 0:
+                raise bad(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.learning_rate is not None and self.learning_rate <= 0:
+            raise bad("learning_rate", f"must be positive, got {self.learning_rate}")
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise bad("epochs", "must be positive (or give --max-steps)")
+        if self.val_split < 0 or (self.val_split >= 1 and self.val_split != int(self.val_split)):
+            raise bad("val_split", f"must be a fraction in [0, 1) or a whole number of records, got {self.val_split}")
+        if self.max_samples is not None and self.max_samples <= 0:
+            raise bad("max_samples", f"must be positive, got {self.max_samples}")
+        if self.resume and self.overwrite:
+            raise bad("resume", "cannot be combined with --overwrite")
+
+    @property
+    def lr(self) -> float:
+        return self.learning_rate if self.learning_rate is not None else DEFAULT_LR[self.method]
+
+
+# ---------------------------------------------------------------------------------------------
+# Options: YAML files, flags, precedence
+
+
+def _field_types() -> dict[str, type]:
+    hints = typing.get_type_hints(TrainArgs)
+    out = {}
+    for f in dataclasses.fields(TrainArgs):
+        t = hints[f.name]
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        out[f.name] = args[0] if args else t
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Options from a YAML file; keys are option names (dashes or underscores)."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--config {path}: no such file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ValueError(f"{where}: malformed YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of option: value, got {type(data).__name__}")
+    types = _field_types()
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in types:
+            raise ValueError(f"{path}: unknown option {key!r} (known: {', '.join(types)})")
+        if isinstance(value, list) and types[name] is str:
+            value = ",".join(str(v) for v in value)
+        out[name] = value
+    return out
+
+
+def write_yaml(args: TrainArgs, path: Path) -> None:
+    import yaml
+
+    data = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("resume", "overwrite")}
+    _atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
+
+
+def add_arguments(parser: Any) -> None:
+    """One flag per `TrainArgs` field, defaulting to "not given" so precedence can be applied."""
+    import argparse
+
+    parser.add_argument("--config", help="YAML file of options (any flag below; flags given here win)")
+    types = _field_types()
+    for f in dataclasses.fields(TrainArgs):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        help_text = f.metadata.get("help", "") + ("" if default is None else f" (default: {default})")
+        if types[f.name] is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, type=types[f.name], default=argparse.SUPPRESS, help=help_text)
+
+
+def resolve_args(cli: dict[str, Any]) -> TrainArgs:
+    """TrainArgs from parsed flags (only those given) and `--config`, with the saved config of
+    the run when resuming."""
+    cli = dict(cli)
+    config_file = cli.pop("config", None)
+    from_file = read_yaml(config_file) if config_file else {}
+    merged: dict[str, Any] = {}
+    resume = cli.get("resume", from_file.get("resume", False))
+    out = cli.get("output_dir", from_file.get("output_dir"))
+    if resume and out and (Path(out) / "train_config.yaml").is_file():
+        merged.update(read_yaml(Path(out) / "train_config.yaml"))
+    merged.update(from_file)
+    merged.update(cli)
+    args = TrainArgs(**merged)
+    if not args.data:
+        raise ValueError("--data: required (a data file, a datasets name or directory, or builtin:arc_easy)")
+    if not args.output_dir:
+        raise ValueError("--output-dir: required")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Output directory
+
+
+def prepare_output_dir(args: TrainArgs) -> str | None:
+    """Check OUT for an earlier run; return the checkpoint to resume from (or None)."""
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output-dir {out}: exists and is not a directory")
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    if args.resume:
+        ckpt = last_complete_checkpoint(out / "checkpoints")
+        if ckpt is None:
+            raise ValueError(f"--resume: no complete checkpoint in {out / 'checkpoints'}; rerun with --overwrite")
+        return ckpt
+    if existing and not args.overwrite:
+        raise ValueError(
+            f"--output-dir {out}: already holds a run ({', '.join(existing)}); use --resume to continue it "
+            "or --overwrite to replace it"
+        )
+    return None
+
+
+def last_complete_checkpoint(folder: Path) -> str | None:
+    """The newest `checkpoint-N` whose `trainer_state.json` (written last by Trainer) parses."""
+    if not folder.is_dir():
+        return None
+    found = []
+    for d in folder.iterdir():
+        if d.is_dir() and d.name.startswith("checkpoint-") and d.name[11:].isdigit():
+            try:
+                json.loads((d / "trainer_state.json").read_text())
+            except (OSError, ValueError):
+                print(f"s2ft train: skipping incomplete checkpoint {d}", file=sys.stderr)
+                continue
+            found.append((int(d.name[11:]), d))
+    return str(max(found)[1]) if found else None
+
+
+def _clear_run(out: Path) -> None:
+    for name in RUN_FILES:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _atomic_save_dir(final: Path, save: Any) -> None:
+    """`save(tmp_dir)`, then rename the finished directory to `final`."""
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def load_data(args: TrainArgs, tokenizer: Any) -> tuple[list, list, dict[str, Any]]:
+    """Tokenized train and validation rows, and counts for the report."""
+    from s2ft.data import build_dataset, load_records
+
+    records = load_records(args.data, args.data_split)
+    rng = random.Random(args.seed)
+    val_records: list = []
+    if args.val_data:
+        val_records = load_records(args.val_data, "validation" if args.data_split == "train" else args.data_split)
+    elif args.val_split > 0:
+        n_val = int(args.val_split) if args.val_split >= 1 else max(1, round(args.val_split * len(records)))
+        if n_val >= len(records):
+            raise ValueError(f"--val-split: {n_val} validation records leave none of {len(records)} to train on")
+        order = list(range(len(records)))
+        rng.shuffle(order)
+        val_records = [records[i] for i in order[:n_val]]
+        records = [records[i] for i in sorted(order[n_val:])]
+    if args.max_samples and args.max_samples < len(records):
+        records = rng.sample(records, args.max_samples)
+    train_rows, train_stats = build_dataset(records, tokenizer, args.max_length, args.template, args.long_samples)
+    val_rows, val_stats = [], None
+    if val_records:
+        val_rows, val_stats = build_dataset(val_records, tokenizer, args.max_length, args.template, args.long_samples)
+    return train_rows, val_rows, {"train": train_stats, "val": val_stats}
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods
+
+
+def _roles(text: str) -> list[str]:
+    return [r.strip() for r in text.split(",") if r.strip()]
+
+
+def s2ft_config(args: TrainArgs):
+    from s2ft.config import S2FTConfig
+
+    alloc: str | list[float] = args.layer_allocation
+    if alloc not in ("uniform", "increasing", "decreasing", "random_one"):
+        try:
+            alloc = [float(w) for w in alloc.split(",")]
+        except ValueError:
+            raise ValueError(f"--layer-allocation: not a known allocation or a list of numbers: {alloc!r}") from None
+    return S2FTConfig(
+        ffn_ratio=args.ffn_ratio,
+        attn_ratio=args.attn_ratio,
+        ffn_modules=tuple(_roles(args.ffn_modules)),
+        attn_modules=tuple(_roles(args.attn_modules)),
+        strategy=args.strategy,
+        order=args.order,
+        seed=args.seed,
+        layer_allocation=alloc,
+    )
+
+
+def wrap_model(
+    args: TrainArgs, model: Any, tokenizer: Any, train_rows: list, resume_from: str | None
+) -> tuple[Any, dict[str, Any]]:
+    """The trainable model for `args.method` and a report of what it trains."""
+    from s2ft import budget
+
+    report: dict[str, Any] = {"method": args.method}
+    if args.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    elif args.method == "s2ft":
+        from s2ft.data import calibration_from_rows
+        from s2ft.model import S2FTModel, get_s2ft_model
+        from s2ft.selection import needs_calibration
+
+        config = s2ft_config(args)
+        if args.match_params:
+            config, match = budget.match_lora(model, config, args.lora_rank, _roles(args.lora_modules))
+            report["matched"] = match
+        if resume_from and (Path(resume_from) / "adapter").is_dir():
+            # the run's own indices, whatever the selection would pick today
+            model = S2FTModel.from_pretrained(model, Path(resume_from) / "adapter", is_trainable=True)
+        else:
+            calibration = None
+            if needs_calibration(config):
+                calibration = calibration_from_rows(
+                    train_rows, tokenizer, args.calib_samples, args.batch_size, args.seed
+                )
+            model = get_s2ft_model(model, config, calibration=calibration)
+        report["s2ft_config"] = config.to_dict()
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        rank = args.lora_rank
+        if args.match_params:
+            rank, match = budget.match_rank(model, s2ft_config(args), _roles(args.lora_modules))
+            report["matched"] = match
+        lora = LoraConfig(
+            r=rank,
+            lora_alpha=args.lora_alpha if args.lora_alpha is not None else 2 * rank,
+            lora_dropout=args.lora_dropout,
+            target_modules=budget.lora_target_modules(model, _roles(args.lora_modules)),
+            use_dora=args.method == "dora",
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+        report["lora_rank"] = rank
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    report.update(trainable_parameters=trainable, total_parameters=total)
+    return model, report
+
+
+def save_result(args: TrainArgs, model: Any, tokenizer: Any, out: Path) -> Path:
+    """Write the adapter (or full model) atomically; return its directory."""
+    if args.method == "full":
+        final = out / "model"
+
+        def save(d: Path) -> None:
+            model.save_pretrained(d)
+            tokenizer.save_pretrained(d)
+    else:
+        final = out / "adapter"
+
+        def save(d: Path) -> None:
+            model.save_pretrained(d)
+
+    _atomic_save_dir(final, save)
+    return final
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer callbacks
+
+
+def _callbacks(out: Path, resume_step: int, method: str) -> list:
+    from transformers import TrainerCallback
+
+    class MetricsCallback(TrainerCallback):
+        """Append every log event to OUT/metrics.jsonl (rank 0); on resume, drop later lines."""
+
+        def __init__(self) -> None:
+            self.path = out / "metrics.jsonl"
+            self.t0 = time.time()
+            if self.path.is_file():
+                keep = [ln for ln in self.path.read_text().splitlines() if _step_of(ln) <= resume_step]
+                _atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                row = {"step": state.global_step, "epoch": state.epoch, **logs}
+                row["elapsed_s"] = round(time.time() - self.t0, 2)
+                with self.path.open("a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+
+    class AdapterCheckpointCallback(TrainerCallback):
+        """Also write each S²FT checkpoint in the adapter format (`checkpoint-N/adapter`), so a
+        checkpoint is usable as is and a resumed run keeps its selected indices."""
+
+        def on_save(self, args, state, control, model=None, **kwargs):
+            if state.is_world_process_zero and model is not None:
+                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if ckpt.is_dir():
+                    _atomic_save_dir(ckpt / "adapter", lambda d: model.save_pretrained(d))
+
+    return [MetricsCallback()] + ([AdapterCheckpointCallback()] if method == "s2ft" else [])
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return 1 << 62  # a torn last line from a killed run: dropped
+
+
+def _loss_series(path: Path) -> dict[str, list[tuple[float, float]]]:
+    series: dict[str, list[tuple[float, float]]] = {"train": [], "validation": []}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if "loss" in row:
+                series["train"].append((row["step"], row["loss"]))
+            if "eval_loss" in row:
+                series["validation"].append((row["step"], row["eval_loss"]))
+    return series
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe
+
+
+def run_train(args: TrainArgs) -> dict[str, Any]:
+    """Run `s2ft train` with `args`; return the summary (also written to OUT/summary.json)."""
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from s2ft.loading import load_model, load_tokenizer
+
+    t0 = time.time()
+    out = Path(args.output_dir)
+    resume_from = prepare_output_dir(args)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    say = print if rank0 else (lambda *a, **k: None)
+
+    # 1. data first: a bad file fails in seconds, before the model loads, and writes nothing
+    tokenizer = load_tokenizer(args.model)
+    train_rows, val_rows, data_stats = load_data(args, tokenizer)
+    ts = data_stats["train"]
+    say(
+        f"[s2ft train] data: {ts['kept']} training samples ({ts['truncated']} truncated, {ts['skipped']} skipped "
+        f"at --max-length {args.max_length})" + (f", {len(val_rows)} validation" if val_rows else "")
+    )
+
+    # 2. model and method
+    torch.manual_seed(args.seed)
+    device = None if args.device == "auto" else torch.device(args.device)
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    model = load_model(args.model, dtype=dtype, device=device)
+    model, method_report = wrap_model(args, model, tokenizer, train_rows, resume_from)
+    n_train, n_total = method_report["trainable_parameters"], method_report["total_parameters"]
+    say(f"[s2ft train] {args.method}: {n_train:,} trainable parameters ({100 * n_train / n_total:.3f}% of {n_total:,})")
+    if "matched" in method_report:
+        say("[s2ft train] budget matched: " + ", ".join(f"{k}={v}" for k, v in method_report["matched"].items()))
+
+    # 3. the run directory: written only once inputs are known to be good
+    if rank0:
+        out.mkdir(parents=True, exist_ok=True)
+        if args.overwrite:
+            _clear_run(out)
+        write_yaml(args, out / "train_config.yaml")
+    resume_step = int(Path(resume_from).name.split("-")[-1]) if resume_from else 0
+
+    # 4. Trainer
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cpu = (device is not None and device.type == "cpu") or not torch.cuda.is_available()
+    targs = TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr,
+        lr_scheduler_type=args.lr_scheduler,
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm if args.max_grad_norm > 0 else None,
+        seed=args.seed,
+        data_seed=args.seed,
+        logging_steps=args.logging_steps,
+        eval_strategy="steps" if val_rows else "no",
+        eval_steps=args.eval_steps or args.save_steps,
+        save_strategy="steps",
+        save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit,
+        report_to=[],
+        remove_unused_columns=False,
+        use_cpu=device is not None and device.type == "cpu",
+        dataloader_pin_memory=not cpu,
+        ddp_backend="gloo" if distributed and cpu else None,
+        disable_tqdm=not rank0,
+    )
+    if args.gradient_checkpointing:  # non-reentrant: the frozen embeddings' output needs no grad
+        targs.activation_checkpointing = True
+        targs.activation_checkpointing_kwargs = {"use_reentrant": False}
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    trainer = Trainer(
+        model=model,
+        args=targs,
+        train_dataset=train_rows,
+        eval_dataset=val_rows or None,
+        data_collator=collator,
+        callbacks=_callbacks(out, resume_step, args.method) if rank0 else [],
+    )
+    val_before = None
+    if val_rows and not resume_from:
+        val_before = trainer.evaluate()["eval_loss"]
+        say(f"[s2ft train] validation loss before training: {val_before:.4f}")
+    t_train = time.time()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    train_seconds = time.time() - t_train
+    val_after = trainer.evaluate()["eval_loss"] if val_rows else None
+
+    # 5. results (rank 0)
+    summary: dict[str, Any] = {}
+    if trainer.is_world_process_zero():
+        saved = save_result(args, trainer.model, tokenizer, out)
+        from s2ft.plots import plot_loss
+
+        plot_loss(_loss_series(out / "metrics.jsonl"), out / "loss.png", title=f"{args.method} on {args.data}")
+        summary = {
+            **method_report,
+            "data": data_stats,
+            "steps": trainer.state.global_step,
+            "resumed_from": resume_from,
+            "train_loss": result.training_loss,
+            "val_loss_before": val_before,
+            "val_loss_after": val_after,
+            "train_seconds": round(train_seconds, 1),
+            "seconds_per_step": round(train_seconds / max(1, trainer.state.global_step - resume_step), 3),
+            "world_size": targs.world_size,
+            "output": str(saved),
+            "total_seconds": round(time.time() - t0, 1),
+        }
+        _atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        lines = [
+            f"  {args.method} result   {saved}",
+            f"  steps         {trainer.state.global_step} ({summary['seconds_per_step']} s/step"
+            + (f", {targs.world_size} processes)" if targs.world_size > 1 else ")"),
+            f"  train loss    {result.training_loss:.4f}",
+        ]
+        if val_after is not None:
+            lines.append(
+                f"  val loss      {val_before:.4f} -> {val_after:.4f}"
+                if val_before
+                else f"  val loss      {val_after:.4f}"
+            )
+        lines += [f"  metrics       {out / 'metrics.jsonl'}", f"  loss plot     {out / 'loss.png'}"]
+        say("\n[s2ft train] done\n" + "\n".join(lines))
+    _shutdown_distributed(trainer)
+    return summary
+
+
+def _shutdown_distributed(trainer: Any) -> None:
+    """Tear down the process group explicitly: gloo can hang at interpreter exit otherwise."""
+    import gc
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        trainer.model_wrapped = None
+        gc.collect()
+        dist.destroy_process_group()

@@ -1,0 +1,294 @@
+"""`s2ft train` end to end on a tiny LLaMA saved to disk: every method writes its result and
+lowers the validation loss; YAML configs round-trip; bad input fails cleanly without writing a
+run; a SIGKILLed run resumes to the same result; a 2-process torchrun launch works."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import transformers as T
+import yaml
+from conftest import tiny_llama_for, word_tokenizer
+from safetensors.torch import load_file
+
+from s2ft.cli import main
+from s2ft.data import build_dataset, builtin_dataset
+from s2ft.train import TrainArgs, resolve_args
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny LLaMA + word-level tokenizer (with a chat template) on disk, and 40 records."""
+    root = tmp_path_factory.mktemp("train")
+    records = builtin_dataset("arc_easy")[0][:40]
+    tok = word_tokenizer(records)
+    model = tiny_llama_for(tok)
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return {"root": root, "model": str(root / "model"), "data": str(data), "records": records}
+
+
+def _train(setup, out, *extra):
+    argv = ["train", "--model", setup["model"], "--data", setup["data"], "--output-dir", str(out)]
+    argv += ["--val-split", "8", "--logging-steps", "2", "--save-steps", "5", "--device", "cpu", *extra]
+    return main(argv)
+
+
+METHOD_FLAGS = {
+    "s2ft": ["--ffn-ratio", "0.25", "--attn-ratio", "0.5", "--learning-rate", "2e-2"],
+    "lora": ["--lora-rank", "4", "--learning-rate", "2e-2"],
+    "dora": ["--lora-rank", "4", "--learning-rate", "2e-2"],
+    "full": ["--learning-rate", "5e-3"],
+}
+
+
+@pytest.mark.parametrize("method", list(METHOD_FLAGS))
+def test_each_method_trains_and_writes_its_result(setup, tmp_path, method):
+    out = tmp_path / method
+    assert _train(setup, out, "--method", method, "--max-steps", "10", *METHOD_FLAGS[method]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 10
+    assert summary["val_loss_after"] < summary["val_loss_before"] - 0.02, summary
+    for name in ("train_config.yaml", "metrics.jsonl", "loss.png"):
+        assert (out / name).is_file()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [2, 4, 6, 8, 10]
+    assert any("eval_loss" in r for r in rows)
+
+    base = T.AutoModelForCausalLM.from_pretrained(setup["model"])
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        ref = base(ids).logits
+    if method == "s2ft":
+        from s2ft import S2FTModel
+
+        assert {p.name for p in (out / "adapter").iterdir()} == {"s2ft_adapter.safetensors", "s2ft_config.json"}
+        tuned = S2FTModel.from_pretrained(base, out / "adapter")
+    elif method in ("lora", "dora"):
+        from peft import PeftModel
+
+        assert json.loads((out / "adapter" / "adapter_config.json").read_text())["use_dora"] == (method == "dora")
+        tuned = PeftModel.from_pretrained(base, out / "adapter")
+    else:
+        tuned = T.AutoModelForCausalLM.from_pretrained(out / "model")
+        assert (out / "model" / "tokenizer.json").is_file()
+    with torch.no_grad():
+        assert not torch.allclose(tuned(ids).logits, ref, atol=1e-4)
+
+
+def test_match_params_both_ways(setup, tmp_path):
+    assert _train(setup, tmp_path / "s", "--max-steps", "1", "--match-params", "--lora-rank", "4") == 0
+    s = json.loads((tmp_path / "s" / "summary.json").read_text())
+    # rank 4 on q (32->32), k and v (32->16: 2 KV heads x 8), up (32->48), down (48->32), 2 layers
+    assert s["matched"]["lora_parameters"] == 4 * 2 * ((32 + 32) + 2 * (32 + 16) + 2 * (32 + 48))
+    per_channel = 3 * 32  # a row of up and gate, a column of down
+    assert abs(s["trainable_parameters"] - s["matched"]["lora_parameters"]) <= 2 * per_channel
+    assert _train(setup, tmp_path / "l", "--method", "lora", "--max-steps", "1", "--match-params") == 0
+    lo = json.loads((tmp_path / "l" / "summary.json").read_text())
+    assert lo["lora_rank"] == lo["matched"]["lora_rank"] >= 1
+
+
+def test_chat_template_labels_only_assistant_turns(setup):
+    tok = T.AutoTokenizer.from_pretrained(setup["model"])
+    rec = {
+        "messages": [
+            {"role": "user", "content": "Which is the correct answer"},
+            {"role": "assistant", "content": "answer1"},
+            {"role": "user", "content": "the correct answer"},
+            {"role": "assistant", "content": "answer2 answer3"},
+        ]
+    }
+    (row,), stats = build_dataset([rec], tok, 512, template="auto")
+    learned = tok.decode([t for t in row["labels"] if t != -100])
+    assert learned.split() == ["answer1", "<eos>", "answer2", "answer3", "<eos>"]
+    assert stats == {"records": 1, "kept": 1, "truncated": 0, "skipped": 0}
+    # an Alpaca record through the chat template: user = instruction, assistant = output
+    (row,), _ = build_dataset(setup["records"][:1], tok, 512, template="chat")
+    assert tok.decode([t for t in row["labels"] if t != -100]).split()[-2:] == [setup["records"][0]["answer"], "<eos>"]
+
+
+def test_long_samples_are_counted_truncated_or_skipped(setup):
+    tok = T.AutoTokenizer.from_pretrained(setup["model"])
+    recs = setup["records"][:10]
+    lengths = [len(r["input_ids"]) for r in build_dataset(recs, tok, 10_000)[0]]
+    limit = sorted(lengths)[5]
+    n_long = sum(n > limit for n in lengths)
+    rows, stats = build_dataset(recs, tok, limit, long_samples="truncate")
+    assert stats["truncated"] == n_long and len(rows) == 10 and max(len(r["input_ids"]) for r in rows) == limit
+    assert all(r["labels"][-1] == tok.eos_token_id for r in rows)  # the response survives truncation
+    rows, stats = build_dataset(recs, tok, limit, long_samples="skip")
+    assert stats["skipped"] == n_long and len(rows) == 10 - n_long
+
+
+def test_yaml_config_round_trip_and_precedence(setup, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model": setup["model"],
+                "data": setup["data"],
+                "max-steps": 2,
+                "learning_rate": 1e-3,
+                "ffn_modules": ["up", "down"],
+            }
+        )
+    )
+    out = tmp_path / "out"
+    assert main(["train", "--config", str(cfg), "--output-dir", str(out), "--learning-rate", "3e-3"]) == 0
+    saved = yaml.safe_load((out / "train_config.yaml").read_text())
+    assert saved["learning_rate"] == 3e-3 and saved["max_steps"] == 2 and saved["ffn_modules"] == "up,down"
+    again = resolve_args({"config": str(out / "train_config.yaml")})
+    assert again == TrainArgs(**saved)
+    assert json.loads((out / "adapter" / "s2ft_config.json").read_text())["config"]["ffn_modules"] == ["up", "down"]
+
+
+def _fails(capsys, argv, *needles):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_bad_input_fails_clearly_and_writes_nothing(setup, tmp_path, capsys):
+    base = ["train", "--model", setup["model"], "--max-steps", "1"]
+    good = json.dumps(setup["records"][0])
+    cases = {
+        "malformed.jsonl": (good + "\n{not json\n", ["malformed.jsonl:2", "malformed JSON"]),
+        "missing.jsonl": (good + "\n" + json.dumps({"instruction": "x"}) + "\n", ["missing.jsonl:2", "'output'"]),
+        "empty.jsonl": ("\n\n", ["empty.jsonl", "no records"]),
+        "array.json": (json.dumps([setup["records"][0], {"output": "y"}]), ["array.json: record 1", "'instruction'"]),
+        "chat.jsonl": (json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n", ["no 'assistant' turn"]),
+        "bad.csv": ("instruction,output\na,b,c\n", ["bad.csv:2", "more values"]),
+        "data.txt": ("hello", ["unsupported file type"]),
+    }
+    for name, (text, needles) in cases.items():
+        path = tmp_path / name
+        path.write_text(text)
+        out = tmp_path / f"out-{name}"
+        _fails(capsys, [*base, "--data", str(path), "--output-dir", str(out)], *needles)
+        assert not out.exists()
+    latin = tmp_path / "latin1.jsonl"
+    latin.write_bytes(json.dumps({"instruction": "caf\u00e9", "output": "x"}, ensure_ascii=False).encode("latin-1"))
+    _fails(capsys, [*base, "--data", str(latin), "--output-dir", str(tmp_path / "o1")], "latin1.jsonl", "not UTF-8")
+    _fails(
+        capsys, [*base, "--data", str(tmp_path / "nope.jsonl"), "--output-dir", str(tmp_path / "o2")], "no such file"
+    )
+    _fails(
+        capsys, [*base, "--data", setup["data"], "--output-dir", str(tmp_path / "o3"), "--method", "qlora"], "--method"
+    )
+    _fails(
+        capsys,
+        [*base, "--data", setup["data"], "--output-dir", str(tmp_path / "o4"), "--batch-size", "0"],
+        "--batch-size",
+    )
+    _fails(
+        capsys,
+        [*base, "--data", setup["data"], "--output-dir", str(tmp_path / "o5"), "--ffn-ratio", "1.5"],
+        "ffn_ratio",
+    )
+    _fails(
+        capsys,
+        [
+            *base,
+            "--data",
+            setup["data"],
+            "--output-dir",
+            str(tmp_path / "o6"),
+            "--max-length",
+            "3",
+            "--long-samples",
+            "skip",
+        ],
+        "no usable samples",
+    )
+    _fails(capsys, [*base, "--output-dir", str(tmp_path / "o7")], "--data: required")
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("max_steps: 2\nlearning_rat: 1e-3\n")
+    _fails(capsys, ["train", "--config", str(bad_yaml)], "bad.yaml", "learning_rat")
+    bad_yaml.write_text("max_steps: [2\n")
+    _fails(capsys, ["train", "--config", str(bad_yaml)], "bad.yaml:2", "malformed YAML")
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 8))
+
+
+def test_existing_run_is_refused_unless_overwrite(setup, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")  # an unrelated file is not a run
+    assert _train(setup, out, "--max-steps", "1") == 0
+    before = (out / "adapter" / "s2ft_adapter.safetensors").read_bytes()
+    _fails(
+        capsys,
+        ["train", "--model", setup["model"], "--data", setup["data"], "--output-dir", str(out), "--max-steps", "1"],
+        "already holds a run",
+        "--overwrite",
+    )
+    assert (out / "adapter" / "s2ft_adapter.safetensors").read_bytes() == before
+    assert _train(setup, out, "--max-steps", "2", "--overwrite") == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def _cli(*argv):
+    return [sys.executable, "-m", "s2ft.cli", *argv]
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(setup, tmp_path):
+    common = ["train", "--model", setup["model"], "--data", setup["data"], "--device", "cpu", "--max-steps", "40"]
+    common += ["--save-steps", "5", "--logging-steps", "1", "--ffn-ratio", "0.25", "--learning-rate", "1e-2"]
+    ref = tmp_path / "ref"
+    subprocess.run(_cli(*common, "--output-dir", str(ref)), check=True, capture_output=True)
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _cli(*common, "--output-dir", str(out)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "checkpoint-10" / "adapter").is_dir():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "adapter").exists()
+    done = subprocess.run(_cli("train", "--output-dir", str(out), "--resume"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 40 and summary["resumed_from"].split("-")[-1] in {str(s) for s in range(10, 40, 5)}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 41))  # each step logged once, none lost
+    a = load_file(ref / "adapter" / "s2ft_adapter.safetensors")
+    b = load_file(out / "adapter" / "s2ft_adapter.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes(setup, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    cmd += ["--master_port", str(_free_port()), "-m", "s2ft.cli", "train", "--model", setup["model"]]
+    cmd += ["--data", setup["data"], "--output-dir", str(out), "--max-steps", "4", "--device", "cpu"]
+    cmd += ["--ffn-ratio", "0.25", "--batch-size", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+    assert (out / "adapter" / "s2ft_adapter.safetensors").is_file()
+    assert done.stdout.count("[s2ft train] done") == 1  # rank 0 reports, rank 1 stays quiet
