@@ -124,7 +124,7 @@ def lora_target_modules(model: nn.Module, roles: Iterable[str], structure_map: d
     block = structure.blocks[0]
     names = []
     for part in (block.ffn, block.attn):
-        for role, slot in (part.slots.items() if part is not None else ()):
+        for role, slot in part.slots.items() if part is not None else ():
             prefix = structure.structure_map["layers"] + f".{block.index}."
             name = slot.path[len(prefix) :] if slot.path.startswith(prefix) else slot.path
             if role in roles and name not in names:
