@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -292,3 +293,25 @@ def test_torchrun_two_processes(setup, tmp_path):
     assert summary["world_size"] == 2 and summary["steps"] == 4
     assert (out / "adapter" / "s2ft_adapter.safetensors").is_file()
     assert done.stdout.count("[s2ft train] done") == 1  # rank 0 reports, rank 1 stays quiet
+
+
+def test_demo_runs_the_train_pipeline_and_reports(setup, tmp_path):
+    from s2ft.demo import run_demo
+
+    out = tmp_path / "demo"
+    for _ in range(2):  # the demo can be rerun into the same directory
+        report = run_demo(model_spec=setup["model"], output_dir=out, steps=2, batch_size=2, eval_limit=8)
+    assert json.loads((out / "report.json").read_text())["after"] == report["after"]
+    assert report["before"]["n"] == report["after"]["n"] == 8
+    assert report["after"]["loss"] < report["before"]["loss"]
+    assert (out / "adapter" / "s2ft_adapter.safetensors").is_file() and (out / "loss.png").is_file()
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_example_configs_are_valid(path):
+    args = resolve_args({"config": str(path), "output_dir": "unused"})
+    assert args.data and args.model
+    assert path.name != "demo.yaml" or args.data == "builtin:arc_easy"

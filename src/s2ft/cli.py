@@ -21,6 +21,8 @@ def _demo(args: argparse.Namespace) -> int:
         learning_rate=args.learning_rate,
         batch_size=args.batch_size,
         ffn_ratio=args.ffn_ratio,
+        attn_ratio=args.attn_ratio,
+        attn_modules=args.attn_modules,
         eval_limit=args.eval_limit,
         seed=args.seed,
     )
@@ -162,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.03,
         help="fraction of FFN channels trained per layer (default: %(default)s)",
     )
+    demo.add_argument(
+        "--attn-ratio", type=float, default=0.0, help="fraction of query heads trained per layer (default: %(default)s)"
+    )
+    demo.add_argument("--attn-modules", default="o", help="attention roles trained, of q,k,v,o (default: %(default)s)")
     demo.add_argument(
         "--eval-limit", type=int, default=200, help="held-out questions to evaluate (default: %(default)s)"
     )

@@ -9,6 +9,7 @@ most likely one is the prediction. The held-out loss is the per-token NLL of the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -17,9 +18,7 @@ from typing import Any
 
 import torch
 
-from s2ft.config import S2FTConfig
 from s2ft.data import builtin_dataset, tokenize
-from s2ft.model import get_s2ft_model
 
 _FORMAT = re.compile(r"Answer format:\s*(\S+)\s*$")
 
@@ -103,20 +102,24 @@ def run_demo(
     output_dir: str | Path = "s2ft-demo",
     steps: int = 80,
     learning_rate: float = 2e-3,
-    batch_size: int = 8,
+    batch_size: int = 4,
     ffn_ratio: float = 0.03,
+    attn_ratio: float = 0.0,
+    attn_modules: str = "o",
     eval_limit: int = 200,
     seed: int = 0,
     max_length: int = 256,
 ) -> dict[str, Any]:
-    """Run the default job end to end and return the report (also written as report.json)."""
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    """Run the default job end to end and return the report (also written as report.json).
 
+    Training is `s2ft train` (the same pipeline and output directory layout); evaluation runs
+    on the base model before, and on the base model with the saved adapter loaded after.
+    """
     from s2ft.loading import load_model_and_tokenizer
-    from s2ft.plots import plot_loss
+    from s2ft.model import S2FTModel
+    from s2ft.train import TrainArgs, run_train
 
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     torch.manual_seed(seed)
     model, tokenizer = load_model_and_tokenizer(model_spec)
@@ -125,59 +128,46 @@ def run_demo(
     print(
         f"[s2ft demo] model loaded in {time.time() - t0:.0f}s; {len(train)} training and {len(held)} held-out questions"
     )
-
     t = time.time()
     before = evaluate(model, tokenizer, held)
     print(f"[s2ft demo] before: {_summary(before)} ({time.time() - t:.0f}s)")
 
-    config = S2FTConfig(ffn_ratio=ffn_ratio, seed=seed)
-    s2ft_model = get_s2ft_model(model, config)
-    trainable, total = s2ft_model.get_nb_trainable_parameters()
-    print(f"[s2ft demo] S²FT: {trainable:,} trainable parameters ({100 * trainable / total:.2f}% of {total:,})")
-
-    dataset = [tokenize(r, tokenizer, max_length) for r in train]
-    args = TrainingArguments(
-        output_dir=str(out / "trainer"),
-        max_steps=steps,
-        per_device_train_batch_size=batch_size,
+    args = TrainArgs(
+        model=model_spec,
+        data="builtin:arc_easy",
+        output_dir=str(out),
+        template="alpaca",
+        max_length=max_length,
+        ffn_ratio=ffn_ratio,
+        attn_ratio=attn_ratio,
+        attn_modules=attn_modules,
+        seed=seed,
         learning_rate=learning_rate,
-        lr_scheduler_type="linear",
+        max_steps=steps,
+        batch_size=batch_size,
+        lr_scheduler="linear",
         warmup_steps=max(1, steps // 10),
         logging_steps=max(1, min(5, steps // 4)),
-        save_strategy="no",
-        report_to=[],
-        seed=seed,
-        data_seed=seed,
-        remove_unused_columns=False,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        disable_tqdm=False,
+        save_steps=steps,
+        save_total_limit=1,
+        overwrite=True,  # the demo is meant to be rerun
     )
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-    trainer = Trainer(model=s2ft_model, args=args, train_dataset=dataset, data_collator=collator)
-    t = time.time()
-    trainer.train()
-    train_time = time.time() - t
+    summary = run_train(args)
 
     t = time.time()
-    after = evaluate(s2ft_model, tokenizer, held)
+    tuned = S2FTModel.from_pretrained(model, out / "adapter")
+    after = evaluate(tuned, tokenizer, held)
     print(f"[s2ft demo] after:  {_summary(after)} ({time.time() - t:.0f}s)")
-
-    s2ft_model.save_pretrained(out / "adapter")
-    losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
-    plot_loss({"train": losses}, out / "loss.png", title="S²FT on ARC-Easy (SmolLM2-135M-Instruct)")
+    train_time = summary["train_seconds"]
     report = {
         "model": model_spec,
-        "config": config.to_dict(),
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "steps": steps,
-        "batch_size": batch_size,
-        "learning_rate": learning_rate,
-        "train_seconds": round(train_time, 1),
-        "seconds_per_step": round(train_time / steps, 2),
+        "train_args": dataclasses.asdict(args),
+        "trainable_parameters": summary["trainable_parameters"],
+        "total_parameters": summary["total_parameters"],
+        "train_seconds": train_time,
+        "seconds_per_step": summary["seconds_per_step"],
         "before": before,
         "after": after,
-        "train_loss": losses,
         "adapter": str(out / "adapter"),
         "loss_plot": str(out / "loss.png"),
         "total_seconds": round(time.time() - t0, 1),
@@ -186,13 +176,20 @@ def run_demo(
     print(
         "\n[s2ft demo] report\n"
         f"  held-out accuracy  {before['accuracy']:.1%} -> {after['accuracy']:.1%}"
-        f"   ({len(held)} ARC-Easy questions, label ranking)\n"
+        f"   ({len(held)} ARC-Easy questions, label ranking; 95% interval about ±{_half_width(after, len(held)):.0%})\n"
         f"  held-out loss      {before['loss']:.3f} -> {after['loss']:.3f}   (per token, gold response)\n"
-        f"  training           {steps} steps x {batch_size} in {train_time:.0f}s ({train_time / steps:.2f} s/step), "
-        f"{trainable:,} trainable parameters\n"
+        f"  training           {steps} steps x {batch_size} in {train_time:.0f}s "
+        f"({summary['seconds_per_step']} s/step), "
+        f"{summary['trainable_parameters']:,} trainable parameters\n"
         f"  adapter            {out / 'adapter'}\n"
         f"  loss plot          {out / 'loss.png'}\n"
         f"  report             {out / 'report.json'}\n"
         f"  total time         {time.time() - t0:.0f}s"
     )
     return report
+
+
+def _half_width(m: dict[str, float], n: int) -> float:
+    """Half-width of the normal-approximation 95% interval of an accuracy over n questions."""
+    p = m["accuracy"]
+    return 1.96 * (p * (1 - p) / max(n, 1)) ** 0.5
