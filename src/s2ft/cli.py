@@ -1,6 +1,8 @@
 """The `s2ft` command line: `s2ft train` (fine-tune with S²FT, LoRA, DoRA or full FT),
 `s2ft demo` (the built-in default job), `s2ft inspect` (what a config or adapter trains;
-overlap of two adapters) and `s2ft info ADAPTER`."""
+overlap of two adapters), `s2ft info ADAPTER`, and the adapter tools `s2ft merge` (a plain
+transformers checkpoint), `s2ft fuse` (weighted sum of adapters) and `s2ft export-lora` (an
+exactly equivalent PEFT LoRA adapter)."""
 
 from __future__ import annotations
 
@@ -35,6 +37,78 @@ def _train(args: argparse.Namespace) -> int:
     given = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
     run_train(resolve_args(given))
     return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    import os
+    import shutil
+    from pathlib import Path
+
+    import torch
+
+    from s2ft.loading import load_model, load_tokenizer
+    from s2ft.model import S2FTModel
+
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)  # auto: the checkpoint's dtype
+    model = load_model(args.base, dtype=dtype, device="cpu")
+    merged = S2FTModel.from_pretrained(model, args.adapter).merge_and_unload()
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise ValueError(f"{out}: exists and is not empty; pass --overwrite to replace it")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        merged.save_pretrained(tmp)
+        try:
+            load_tokenizer(args.base).save_pretrained(tmp)
+        except (OSError, ValueError) as e:  # a bare checkpoint without tokenizer files
+            print(f"note: no tokenizer saved ({str(e).splitlines()[0]})", file=sys.stderr)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"merged model: {out} (loads with AutoModelForCausalLM.from_pretrained, no s2ft needed)")
+    return 0
+
+
+def _fuse(args: argparse.Namespace) -> int:
+    from s2ft.fusion import fuse_files
+
+    weights = [1.0] * len(args.adapters) if args.weights is None else [float(w) for w in args.weights.split(",")]
+    if len(weights) != len(args.adapters):
+        raise ValueError(f"--weights: {len(weights)} weights for {len(args.adapters)} adapters")
+    report = fuse_files(args.adapters, weights, args.output)
+    worst = max(report, key=lambda r: r["shared_fraction"])
+    total_shared = sum(r["shared"] for r in report)
+    total = sum(r["union"] for r in report)
+    print(f"fused {len(args.adapters)} adapters with weights {weights} -> {args.output}")
+    print(
+        f"overlap: {total_shared} of {total} trained rows/columns are trained by two or more adapters "
+        f"({total_shared / max(total, 1):.1%}); most in {worst['module']} ({worst['shared_fraction']:.1%})"
+    )
+    if worst["shared_fraction"] > args.warn_overlap:
+        print(f"warning: high overlap in {worst['module']}: the adapters' updates add up there", file=sys.stderr)
+    return 0
+
+
+def _export_lora(args: argparse.Namespace) -> int:
+    from s2ft.export import export_lora
+
+    report = export_lora(args.adapter, args.output, pad_to=args.pad_to, max_rank=args.max_rank)
+    rank = report["uniform_rank"] or f"{report['rank_min']}..{report['rank_max']} (rank_pattern)"
+    print(f"PEFT LoRA adapter: {args.output}")
+    print(f"  modules {report['modules']}, rank {rank}, scale 1, lora_bias {report['lora_bias']}")
+    print(f"  {report['parameters']:,} stored numbers (one-hot factors included)")
+    if not report["uniform_rank"]:
+        print(f"  vLLM needs one rank for all modules: add --pad-to {_next_pow2(report['rank_max'])}")
+    return 0
+
+
+def _next_pow2(n: int) -> int:
+    p = 8
+    while p < n:
+        p *= 2
+    return p
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -204,6 +278,46 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--save-adapter", help="also save the (untrained) adapter, i.e. the selected indices")
     insp.add_argument("--plot", help="write a PNG heatmap here")
     insp.set_defaults(func=_inspect)
+
+    merge = sub.add_parser(
+        "merge",
+        help="merge an adapter into its base model and save a plain transformers checkpoint",
+        description="Load BASE, merge ADAPTER into its weights and save model + tokenizer to OUT. The result "
+        "loads with AutoModelForCausalLM.from_pretrained and runs at exactly the base model's speed.",
+    )
+    merge.add_argument("base", help="base model: 'smollm2', a Hub id, a directory or a .gguf file")
+    merge.add_argument("adapter", help="S²FT adapter directory")
+    merge.add_argument("output", help="output directory")
+    merge.add_argument("--dtype", default="auto", help="auto (the base's), float32, bfloat16 or float16")
+    merge.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    merge.set_defaults(func=_merge)
+
+    fuse = sub.add_parser(
+        "fuse",
+        help="fuse adapters into one (weighted sum of their updates)",
+        description="Write the adapter whose update is the weighted sum of the given adapters' updates (exact: "
+        "rows/columns are united, shared ones add). Reports how much the adapters overlap; no base model needed.",
+    )
+    fuse.add_argument("adapters", nargs="+", help="two or more adapter directories (same base model)")
+    fuse.add_argument("--output", "-o", required=True, help="output adapter directory")
+    fuse.add_argument("--weights", help="comma-separated weights, one per adapter (default: all 1)")
+    fuse.add_argument(
+        "--warn-overlap", type=float, default=0.5, help="warn above this shared fraction (default: %(default)s)"
+    )
+    fuse.set_defaults(func=_fuse)
+
+    export = sub.add_parser(
+        "export-lora",
+        help="write an exactly equivalent PEFT LoRA adapter (for vLLM, TGI, PEFT)",
+        description="Factor each module's update as B·A with B = [E_R | D_c], A = [D_r ; E_C^T] (rank = trained "
+        "rows + columns, scale 1) and write adapter_config.json + adapter_model.safetensors. PEFT reproduces the "
+        "S²FT logits to rounding. Ranks differ per module (rank_pattern) unless --pad-to gives them one rank.",
+    )
+    export.add_argument("adapter", help="S²FT adapter directory")
+    export.add_argument("output", help="output directory for the PEFT adapter")
+    export.add_argument("--pad-to", type=int, help="pad every module to this rank (vLLM: <= --max-lora-rank)")
+    export.add_argument("--max-rank", type=int, help="fail if any module needs a larger rank")
+    export.set_defaults(func=_export_lora)
 
     info = sub.add_parser("info", help="describe a saved adapter", description="Print what an adapter directory holds.")
     info.add_argument("adapter", help="adapter directory written by save_pretrained")

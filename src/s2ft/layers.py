@@ -1,14 +1,21 @@
 """S2FTLayer: a frozen nn.Linear / Conv1D plus the trained row and column blocks of one or
-more adapters, and the in-place merge / unmerge of those blocks (SPEC §5).
+more adapters, the in-place merge / unmerge of those blocks, and mixed-adapter batches (SPEC §5).
 
 Merge is an indexed add of `|R|·in + out·|C|` numbers into the base weight, no matmul. The
 rows/columns it overwrites are backed up first, so unmerge restores the base weights
 bit-for-bit in any dtype (merges are undone last-in first-out).
+
+A mixed batch (one adapter per row) runs one base matmul over the whole batch, then, for each
+adapter present, adds its blocks to its own rows only: `y[b, …, R] += x[b] D_rᵀ (+ d_b)` and
+`y[b] += x[b, …, C] D_cᵀ` — thin matmuls over the rows that use the adapter.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from s2ft.autograd import s2ft_linear
@@ -74,6 +81,7 @@ class S2FTLayer(nn.Module):
         self.active_adapter: str | None = None
         self.merged_adapters: list[str] = []
         self._backups: dict[str, dict[str, torch.Tensor]] = {}
+        self.batch_adapters: BatchAdapters | None = None  # set by S2FTModel for mixed batches
 
     @property
     def weight(self) -> torch.Tensor:
@@ -91,7 +99,17 @@ class S2FTLayer(nn.Module):
         self.s2ft[name] = delta
         return delta
 
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise RuntimeError(f"adapter {name!r} is merged; unmerge before deleting it")
+        if name in self.s2ft:
+            del self.s2ft[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.batch_adapters is not None:
+            return self._mixed_forward(x, *args, **kwargs)
         name = self.active_adapter
         if name is None or name in self.merged_adapters or name not in self.s2ft:
             return self.base_layer(x, *args, **kwargs)
@@ -107,6 +125,25 @@ class S2FTLayer(nn.Module):
         return s2ft_linear(
             cast(x), cast(w), cast(bias), d.row_idx, cast(d.row_delta), cast(d.row_bias), d.col_idx, cast(d.col_delta)
         )
+
+    def _mixed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """One base matmul for the batch, then each adapter's blocks on its own rows (dim 0)."""
+        if self.merged_adapters:
+            raise RuntimeError("mixed-adapter batches need unmerged weights; call unmerge() first")
+        y = self.base_layer(x, *args, **kwargs)  # (B, ..., out)
+        for name, rows in self.batch_adapters.groups(x.shape[0], x.device):
+            d = self.s2ft[name] if name in self.s2ft else None
+            if d is None:
+                continue
+            xa = x.index_select(0, rows)  # (n_a, ..., in)
+            ya = y.index_select(0, rows)  # (n_a, ..., out)
+            if d.row_delta is not None:
+                r = F.linear(xa, d.row_delta.to(x.dtype), None if d.row_bias is None else d.row_bias.to(x.dtype))
+                ya = ya.index_add(-1, d.row_idx, r.to(ya.dtype))  # (n_a, ..., k_r) into columns R
+            if d.col_delta is not None:
+                ya = ya + F.linear(xa.index_select(-1, d.col_idx), d.col_delta.to(x.dtype)).to(ya.dtype)
+            y = y.index_copy(0, rows, ya)
+        return y
 
     @torch.no_grad()
     def merge(self, name: str) -> None:
@@ -146,3 +183,30 @@ class S2FTLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"active={self.active_adapter!r}, merged={self.merged_adapters}"
+
+
+class BatchAdapters:
+    """Which adapter each row of a batch uses; `None` or `"__base__"` means the base model.
+
+    Generation may expand the batch (beams, several return sequences) by repeating each row
+    `k` times in place (`repeat_interleave`), so groups are derived for any multiple of the
+    batch size.
+    """
+
+    def __init__(self, names: list[str | None]) -> None:
+        self.names = list(names)
+        self._cache: dict[tuple[int, Any], list[tuple[str, torch.Tensor]]] = {}
+
+    def groups(self, n: int, device: torch.device) -> list[tuple[str, torch.Tensor]]:
+        key = (n, device)
+        if key not in self._cache:
+            b = len(self.names)
+            if n % b:
+                raise ValueError(f"batch of {n} rows cannot use adapter_names for {b} rows")
+            k = n // b
+            by_name: dict[str, list[int]] = {}
+            for i, name in enumerate(self.names):
+                if name is not None and name != "__base__":
+                    by_name.setdefault(name, []).extend(range(i * k, (i + 1) * k))
+            self._cache[key] = [(a, torch.tensor(r, dtype=torch.long, device=device)) for a, r in by_name.items()]
+        return self._cache[key]

@@ -112,8 +112,9 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def load_model(spec: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None):
-    """Load the model for `spec` (see module docstring) on `device` in `dtype`."""
+def load_model(spec: str, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None):
+    """Load the model for `spec` (see module docstring) on `device` in `dtype` (`None`: bf16 on
+    capable GPUs, else fp32; `"auto"`: the checkpoint's own dtype)."""
     from transformers import AutoModelForCausalLM
 
     device = torch.device(device) if device is not None else default_device()

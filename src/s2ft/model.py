@@ -1,9 +1,17 @@
-"""S2FTModel: apply S²FT to a Hugging Face model, save/load the adapter, merge and unload.
+"""S2FTModel: apply S²FT to a Hugging Face model; save, load, switch, delete, fuse, merge and
+unload adapters; run mixed-adapter batches.
 
 `get_s2ft_model(model, config)` resolves the coupled structures of `model`, selects the
 trained channels/heads, wraps each affected Linear in an `S2FTLayer` and freezes everything
 else. The result trains with any loop, `transformers.Trainer` or DDP: the only trainable
 parameters are the dense delta blocks, and their gradients land in `.grad`.
+
+Several adapters live side by side (`load_adapter`, `add_adapter`); `set_adapter(name)`
+picks the active one, and `"__base__"` is the base model. After `merge()` the model stays in
+merged mode: `set_adapter` then switches in place — unmerge the old blocks (a copy of the
+backed-up rows/columns), merge the new ones (an indexed add) — with no matmul, and exactly
+(A → B → A restores A's weights bit for bit). `model(..., adapter_names=[...])` and
+`generate(..., adapter_names=[...])` run one adapter per batch row in one forward.
 
 `S2FTModel.state_dict()` holds the adapter only (deltas and indices); the frozen base is not
 part of it. That keeps `Trainer` checkpoints adapter-sized and resumable. Use
@@ -32,10 +40,11 @@ from s2ft.adapter_io import (
     write_adapter,
 )
 from s2ft.config import S2FTConfig
-from s2ft.layers import S2FTLayer
+from s2ft.layers import BatchAdapters, S2FTLayer
 from s2ft.selection import module_indices, select
 from s2ft.structures import resolve, structure_map_for, weight_view
 
+BASE = "__base__"  # the adapter name of the base model
 Indices = dict[str, dict[str, torch.Tensor]]  # module path -> {"rows": idx, "cols": idx}
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -74,7 +83,9 @@ class S2FTModel(nn.Module):
         self.s2ft_config: dict[str, S2FTConfig] = {}
         self.structure_maps: dict[str, dict[str, Any]] = {}
         self.base_fingerprint = fingerprint(model)  # taken before any wrapping or merging
-        self.active_adapter: str | None = None
+        self.active_adapter: str = BASE
+        self.merge_mode = False  # True after merge(): set_adapter switches merged weights in place
+        self.provenance: dict[str, dict[str, Any]] = {}  # e.g. what a fused adapter was made of
         for p in model.parameters():
             p.requires_grad_(False)
         self.add_adapter(adapter_name, config, indices=indices, calibration=calibration)
@@ -92,6 +103,8 @@ class S2FTModel(nn.Module):
         """Select (or take the given) indices for `config` and add a zero-initialised adapter."""
         if adapter_name in self.s2ft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists")
+        if not adapter_name or adapter_name == BASE or "/" in adapter_name or "." in adapter_name:
+            raise ValueError(f"invalid adapter name {adapter_name!r} (reserved, empty, or contains '/' or '.')")
         smap = structure_map_for(self.base_model, config.structure_map)
         structure = resolve(self.base_model, smap)
         if indices is None:
@@ -106,12 +119,107 @@ class S2FTModel(nn.Module):
         self.s2ft_config[adapter_name] = config
         self.structure_maps[adapter_name] = smap
 
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the loaded adapters (the base model, `"__base__"`, is always available)."""
+        return list(self.s2ft_config)
+
     def set_adapter(self, adapter_name: str) -> None:
-        if adapter_name not in self.s2ft_config:
-            raise ValueError(f"unknown adapter {adapter_name!r}; have {sorted(self.s2ft_config)}")
+        """Make `adapter_name` (or `"__base__"`) the active adapter. In merged mode the weights
+        are switched in place: unmerge the old blocks, merge the new — exact, no matmul."""
+        if adapter_name != BASE and adapter_name not in self.s2ft_config:
+            raise ValueError(f"unknown adapter {adapter_name!r}; have {[BASE, *self.s2ft_config]}")
+        if self.merge_mode:
+            for layer in self.s2ft_layers():
+                layer.unmerge()
         for layer in self.s2ft_layers():
-            layer.active_adapter = adapter_name
+            layer.active_adapter = None if adapter_name == BASE else adapter_name
         self.active_adapter = adapter_name
+        if self.merge_mode and adapter_name != BASE:
+            for layer in self.s2ft_layers():
+                if adapter_name in layer.s2ft:
+                    layer.merge(adapter_name)
+
+    def load_adapter(
+        self,
+        adapter_path: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        check_base: str = "error",
+    ) -> None:
+        """Load a saved adapter beside the others (it does not become active)."""
+        config, indices, modules = _read_checked(adapter_path, self.base_model, self.base_fingerprint, check_base)
+        self.add_adapter(adapter_name, config, indices=indices)
+        self._load_deltas(adapter_name, modules, is_trainable)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter. Deleting the active one leaves the base model active (a warning
+        says so); in merged mode its blocks are unmerged first, exactly."""
+        if adapter_name not in self.s2ft_config:
+            raise ValueError(f"unknown adapter {adapter_name!r}; have {list(self.s2ft_config)}")
+        was_active = adapter_name == self.active_adapter
+        if was_active:
+            import warnings
+
+            warnings.warn(f"deleted the active adapter {adapter_name!r}; the base model is active now", stacklevel=2)
+            self.set_adapter(BASE)
+        for layer in self.s2ft_layers():
+            if adapter_name in layer.merged_adapters:  # merged by an explicit merge(name)
+                layer.unmerge()
+            layer.delete_adapter(adapter_name)
+        del self.s2ft_config[adapter_name]
+        del self.structure_maps[adapter_name]
+        self.provenance.pop(adapter_name, None)
+        if self.merge_mode and self.active_adapter != BASE:  # re-merge what an unmerge above undid
+            self.set_adapter(self.active_adapter)
+
+    def adapter_modules(self, adapter_name: str) -> dict[str, dict[str, torch.Tensor]]:
+        """`{module_path: {part: tensor}}` of one adapter (the layout `read_adapter` returns)."""
+        if adapter_name not in self.s2ft_config:
+            raise ValueError(f"unknown adapter {adapter_name!r}; have {list(self.s2ft_config)}")
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for path, layer in self.named_s2ft_layers():
+            if adapter_name in layer.s2ft:
+                d = layer.s2ft[adapter_name]
+                parts = ("row_idx", "row_delta", "row_bias", "col_idx", "col_delta")
+                out[path] = {k: getattr(d, k).detach() for k in parts if getattr(d, k) is not None}
+        return out
+
+    def fuse_adapters(
+        self,
+        adapter_names: list[str],
+        weights: list[float] | None = None,
+        new_name: str = "fused",
+        warn_overlap: float = 0.5,
+    ) -> list[dict[str, Any]]:
+        """Add `new_name` = Σ weights[i] · adapter i (exact; default weights 1). Returns the
+        per-module overlap of the adapters' rows/columns and warns when, in some module, more
+        than `warn_overlap` of the union is trained by two or more of them."""
+        import dataclasses
+        import warnings
+
+        from s2ft import fusion
+
+        if len(adapter_names) < 2:
+            raise ValueError("fuse_adapters needs at least two adapters")
+        weights = [1.0] * len(adapter_names) if weights is None else list(weights)
+        parts = [self.adapter_modules(n) for n in adapter_names]
+        report = fusion.overlap(parts, adapter_names)
+        worst = max(report, key=lambda r: r["shared_fraction"])
+        if worst["shared_fraction"] > warn_overlap:
+            warnings.warn(
+                f"adapters {adapter_names} overlap strongly: in {worst['module']} "
+                f"{worst['shared_fraction']:.0%} of the trained rows/columns are shared; their updates add up there",
+                stacklevel=2,
+            )
+        fused = fusion.fuse_modules(parts, weights)
+        bias = any("row_bias" in p for p in fused.values())
+        config = dataclasses.replace(self.s2ft_config[adapter_names[0]], train_bias=bias)
+        indices = {p: {"rows": t.get("row_idx"), "cols": t.get("col_idx")} for p, t in fused.items()}
+        self.add_adapter(new_name, config, indices=indices)
+        self._load_deltas(new_name, fused, trainable=False)
+        self.provenance[new_name] = {"fused_from": list(adapter_names), "weights": weights}
+        return report
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -159,14 +267,41 @@ class S2FTModel(nn.Module):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        adapter_names: list[str] | None = None,
         **kwargs: Any,
     ) -> Any:
+        """The base model's forward with the active adapter, or with `adapter_names[b]` for
+        batch row `b` (`"__base__"` for the base model) in one mixed-adapter pass."""
         if labels is not None:
             kwargs["labels"] = labels
-        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        with self._batch_adapters(adapter_names):
+            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model.generate(*args, **kwargs)
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """`generate` of the base model; `adapter_names` as in `forward` (beams and several
+        return sequences per row keep their row's adapter)."""
+        with self._batch_adapters(adapter_names):
+            return self.base_model.generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _batch_adapters(self, adapter_names: list[str] | None) -> Iterator[None]:
+        if adapter_names is None:
+            yield
+            return
+        unknown = sorted({n for n in adapter_names if n != BASE and n not in self.s2ft_config})
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown} in adapter_names; have {[BASE, *self.s2ft_config]}")
+        if self.merge_mode or any(layer.merged_adapters for layer in self.s2ft_layers()):
+            raise RuntimeError("mixed-adapter batches need unmerged weights; call unmerge() first")
+        batch = BatchAdapters(list(adapter_names))
+        layers = list(self.s2ft_layers())
+        for layer in layers:
+            layer.batch_adapters = batch
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.batch_adapters = None
 
     def get_base_model(self) -> nn.Module:
         return self.base_model
@@ -227,7 +362,7 @@ class S2FTModel(nn.Module):
         """Write the adapter as `s2ft_adapter.safetensors` + `s2ft_config.json` (atomically)."""
         name = adapter_name or self.active_adapter
         if name not in self.s2ft_config:
-            raise ValueError(f"unknown adapter {name!r}; have {sorted(self.s2ft_config)}")
+            raise ValueError(f"no adapter {name!r} to save; have {sorted(self.s2ft_config)}")
         tensors: dict[str, torch.Tensor] = {}
         modules: dict[str, dict[str, Any]] = {}
         trainable = 0
@@ -256,6 +391,8 @@ class S2FTModel(nn.Module):
             "trainable_parameters": trainable,
             "modules": modules,
         }
+        if name in self.provenance:
+            meta["provenance"] = self.provenance[name]
         write_adapter(save_directory, tensors, meta)
 
     @classmethod
@@ -272,25 +409,7 @@ class S2FTModel(nn.Module):
         `check_base`: "error" (default) refuses an adapter whose base-model fingerprint does not
         match `model`; "warn" warns; "ignore" skips the value check (shapes are always checked).
         """
-        if check_base not in ("error", "warn", "ignore"):
-            raise ValueError(f"check_base must be 'error', 'warn' or 'ignore', got {check_base!r}")
-        meta, modules = read_adapter(adapter_path)
-        check_fingerprint(meta["base_model"], fingerprint(model), str(adapter_path), check_base)
-        try:
-            config = S2FTConfig.from_dict(meta["config"])
-        except (TypeError, ValueError) as e:
-            raise AdapterError(f"{adapter_path}: invalid config in adapter: {e}") from None
-        for path, info in meta["modules"].items():
-            try:
-                module = model.get_submodule(path)
-            except AttributeError:
-                raise AdapterError(f"{adapter_path}: base model has no module {path!r}") from None
-            shape = list(weight_view(getattr(module, "base_layer", module)).shape)
-            if shape != info["shape"]:
-                raise AdapterError(
-                    f"{adapter_path}: module {path!r} has shape {shape}, adapter expects {info['shape']}"
-                )
-        indices = {p: {"rows": t.get("row_idx"), "cols": t.get("col_idx")} for p, t in modules.items()}
+        config, indices, modules = _read_checked(adapter_path, model, fingerprint(model), check_base)
         out = cls(model, config, adapter_name, indices=indices)
         out._load_deltas(adapter_name, modules, is_trainable)
         return out
@@ -310,18 +429,21 @@ class S2FTModel(nn.Module):
     # ------------------------------------------------------------------ merge / unmerge
 
     def merge(self, adapter_name: str | None = None) -> None:
-        """Add the adapter's blocks into the base weights in place (an indexed add, no matmul)."""
+        """Add the adapter's blocks into the base weights in place (an indexed add, no matmul)
+        and enter merged mode, in which `set_adapter` switches the merged weights."""
         name = adapter_name or self.active_adapter
         if name not in self.s2ft_config:
-            raise ValueError(f"unknown adapter {name!r}; have {sorted(self.s2ft_config)}")
+            raise ValueError(f"no adapter {name!r} to merge; have {sorted(self.s2ft_config)}")
         for layer in self.s2ft_layers():
             if name in layer.s2ft:
                 layer.merge(name)
+        self.merge_mode = True
 
     def unmerge(self) -> None:
-        """Restore the exact base weights (undoes every merge)."""
+        """Restore the exact base weights (undoes every merge) and leave merged mode."""
         for layer in self.s2ft_layers():
             layer.unmerge()
+        self.merge_mode = False
 
     def merge_and_unload(self) -> nn.Module:
         """Merge the active adapter and return the plain transformers model (no s2ft modules)."""
@@ -339,3 +461,27 @@ class S2FTModel(nn.Module):
             parent = self.base_model.get_submodule(parent_path) if parent_path else self.base_model
             setattr(parent, attr, layer.base_layer)
         return self.base_model
+
+
+def _read_checked(
+    adapter_path: str | os.PathLike, model: nn.Module, base_fp: dict[str, Any], check_base: str
+) -> tuple[S2FTConfig, Indices, dict[str, dict[str, torch.Tensor]]]:
+    """Read an adapter and check it against `model` (fingerprint `base_fp`, module shapes)."""
+    if check_base not in ("error", "warn", "ignore"):
+        raise ValueError(f"check_base must be 'error', 'warn' or 'ignore', got {check_base!r}")
+    meta, modules = read_adapter(adapter_path)
+    check_fingerprint(meta["base_model"], base_fp, str(adapter_path), check_base)
+    try:
+        config = S2FTConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as e:
+        raise AdapterError(f"{adapter_path}: invalid config in adapter: {e}") from None
+    for path, info in meta["modules"].items():
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            raise AdapterError(f"{adapter_path}: base model has no module {path!r}") from None
+        shape = list(weight_view(getattr(module, "base_layer", module)).shape)
+        if shape != info["shape"]:
+            raise AdapterError(f"{adapter_path}: module {path!r} has shape {shape}, adapter expects {info['shape']}")
+    indices = {p: {"rows": t.get("row_idx"), "cols": t.get("col_idx")} for p, t in modules.items()}
+    return config, indices, modules
