@@ -42,3 +42,11 @@ def test_ab_floor_smoke(tmp_path):
     run_bench("ab_floor.py", "--smoke", "--out", str(tmp_path / "ab.json"))
     result = json.loads((tmp_path / "ab.json").read_text())
     assert len(result["pairs"]) == 2 and result["median_ratio"] > 0
+
+
+def test_serving_smoke(tmp_path):
+    run_bench("serving.py", "--smoke", "--out", str(tmp_path / "sv"))
+    result = json.loads((tmp_path / "sv.json").read_text())
+    assert set(result["mixed"]) == {"2", "4", "8", "1 (active adapter)"}
+    assert result["switch"]["merged_switch_s"]["s2ft"] > 0 and result["merged"]["base"] > 0
+    assert (tmp_path / "sv.png").read_bytes()[:4] == b"\x89PNG"

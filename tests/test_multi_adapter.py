@@ -279,3 +279,22 @@ def test_cli_merge_fuse_export(tmp_path, capsys):
     assert main(["fuse", str(tmp_path / "a"), str(tmp_path / "other"), "-o", str(tmp_path / "bad")]) == 2
     assert "different base model" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_hotswap_adapter_replaces_in_place_and_bad_files_change_nothing(tmp_path):
+    _, model = three_adapters("llama")
+    ids = batch()
+    model.set_adapter("b")
+    want_b = logits(model, ids)
+    model.save_pretrained(tmp_path / "b", adapter_name="b")
+    model.set_adapter("a")
+    model.merge()  # merged mode: the swap must unmerge a and merge the new contents
+    model.hotswap_adapter(tmp_path / "b", adapter_name="a")
+    assert model.active_adapter == "a" and model.merge_mode
+    torch.testing.assert_close(logits(model, ids), want_b, atol=1e-10, rtol=0)
+    (tmp_path / "broken").mkdir()
+    before = logits(model, ids)
+    with pytest.raises(AdapterError):
+        model.hotswap_adapter(tmp_path / "broken", adapter_name="a")
+    assert sorted(model.adapters) == ["a", "b", "c"]
+    torch.testing.assert_close(logits(model, ids), before, atol=0, rtol=0)

@@ -157,12 +157,29 @@ class S2FTModel(nn.Module):
         says so); in merged mode its blocks are unmerged first, exactly."""
         if adapter_name not in self.s2ft_config:
             raise ValueError(f"unknown adapter {adapter_name!r}; have {list(self.s2ft_config)}")
-        was_active = adapter_name == self.active_adapter
-        if was_active:
+        if adapter_name == self.active_adapter:
             import warnings
 
             warnings.warn(f"deleted the active adapter {adapter_name!r}; the base model is active now", stacklevel=2)
-            self.set_adapter(BASE)
+        self._remove(adapter_name)
+
+    def hotswap_adapter(self, adapter_path: str | os.PathLike, adapter_name: str, check_base: str = "error") -> None:
+        """Replace adapter `adapter_name` by the one saved at `adapter_path`. The file is read
+        and checked first, so a bad file changes nothing; if the adapter was active it stays
+        active (merged in place in merged mode)."""
+        if adapter_name not in self.s2ft_config:
+            raise ValueError(f"unknown adapter {adapter_name!r}; have {list(self.s2ft_config)}")
+        config, indices, modules = _read_checked(adapter_path, self.base_model, self.base_fingerprint, check_base)
+        was_active = adapter_name == self.active_adapter
+        self._remove(adapter_name)
+        self.add_adapter(adapter_name, config, indices=indices)
+        self._load_deltas(adapter_name, modules, trainable=False)
+        if was_active:
+            self.set_adapter(adapter_name)
+
+    def _remove(self, adapter_name: str) -> None:
+        if adapter_name == self.active_adapter:
+            self.set_adapter(BASE)  # in merged mode: unmerges it
         for layer in self.s2ft_layers():
             if adapter_name in layer.merged_adapters:  # merged by an explicit merge(name)
                 layer.unmerge()
