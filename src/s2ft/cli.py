@@ -111,6 +111,17 @@ def _next_pow2(n: int) -> int:
     return p
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    from s2ft.serving import ServeConfig, serve
+
+    fields = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
+    fields["api_key"] = fields["api_key"] or os.environ.get("S2FT_API_KEY") or None
+    serve(ServeConfig(**fields))
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     from s2ft.adapter_io import read_adapter
 
@@ -318,6 +329,37 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--pad-to", type=int, help="pad every module to this rank (vLLM: <= --max-lora-rank)")
     export.add_argument("--max-rank", type=int, help="fail if any module needs a larger rank")
     export.set_defaults(func=_export_lora)
+
+    srv = sub.add_parser(
+        "serve",
+        help="serve the base model and many S²FT adapters over an OpenAI-compatible HTTP API",
+        description="Load --model once and every adapter in --adapters-dir (a subdirectory's name is the model "
+        "name clients use; the base model is served as --base-name). Endpoints: GET /v1/models, POST "
+        "/v1/completions, POST /v1/chat/completions (streaming with stream=true), GET /health, GET /metrics "
+        "(Prometheus), POST /admin/adapters (load/unload; needs --api-key). Concurrent requests for different "
+        "adapters are decoded together in one mixed-adapter batch.",
+        epilog="example: s2ft serve --model smollm2 --adapters-dir runs/adapters --port 8000",
+    )
+    srv.add_argument("--model", default="smollm2", help="base model: 'smollm2', a Hub id, a directory or a .gguf")
+    srv.add_argument("--adapters-dir", help="directory whose subdirectories are S²FT adapters")
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s, localhost only)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    srv.add_argument("--base-name", default="base", help="model name of the plain base model (default: %(default)s)")
+    srv.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together (default: %(default)s)")
+    srv.add_argument(
+        "--batch-window-ms", type=float, default=10.0, help="wait for more requests to batch (default: %(default)s)"
+    )
+    srv.add_argument("--max-tokens", type=int, default=512, help="cap on max_tokens (default: %(default)s)")
+    srv.add_argument(
+        "--max-prompt-tokens", type=int, default=2048, help="cap on prompt length in tokens (default: %(default)s)"
+    )
+    srv.add_argument(
+        "--max-body-bytes", type=int, default=1_000_000, help="cap on request bodies (default: %(default)s)"
+    )
+    srv.add_argument("--api-key", help="bearer key that enables POST /admin/adapters (or env S2FT_API_KEY)")
+    srv.add_argument("--dtype", default="auto", help="auto (bf16 on capable GPUs, else fp32), float32, bfloat16")
+    srv.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    srv.set_defaults(func=_serve)
 
     info = sub.add_parser("info", help="describe a saved adapter", description="Print what an adapter directory holds.")
     info.add_argument("adapter", help="adapter directory written by save_pretrained")
