@@ -50,3 +50,10 @@ def test_serving_smoke(tmp_path):
     assert set(result["mixed"]) == {"2", "4", "8", "1 (active adapter)"}
     assert result["switch"]["merged_switch_s"]["s2ft"] > 0 and result["merged"]["base"] > 0
     assert (tmp_path / "sv.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_serve_load_smoke(tmp_path):
+    run_bench("serve_load.py", "--smoke", "--out", str(tmp_path / "sl"))
+    result = json.loads((tmp_path / "sl.json").read_text())
+    assert set(result["points"]) == {"1/mixed", "1/switch", "2/mixed", "2/switch"}
+    assert all(p["errors"] == 0 and p["requests"] > 0 for p in result["points"].values())

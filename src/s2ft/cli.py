@@ -357,6 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-body-bytes", type=int, default=1_000_000, help="cap on request bodies (default: %(default)s)"
     )
     srv.add_argument("--api-key", help="bearer key that enables POST /admin/adapters (or env S2FT_API_KEY)")
+    srv.add_argument(
+        "--schedule",
+        default="mixed",
+        help="mixed: requests for any adapters share a batch (default); switch: one adapter per batch, "
+        "merged into the weights in place (base-model speed, fewer requests per batch)",
+    )
     srv.add_argument("--dtype", default="auto", help="auto (bf16 on capable GPUs, else fp32), float32, bfloat16")
     srv.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     srv.set_defaults(func=_serve)

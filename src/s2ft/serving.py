@@ -54,6 +54,7 @@ class ServeConfig:
     max_prompt_tokens: int = 2048  # cap on a request's prompt length in tokens
     max_body_bytes: int = 1_000_000  # cap on a request body
     api_key: str | None = None  # bearer key for /admin/adapters (admin is disabled without one)
+    schedule: str = "mixed"  # mixed: any adapters in one batch; switch: one adapter per batch, merged in place
     dtype: str = "auto"
     device: str = "auto"
 
@@ -63,6 +64,8 @@ class ServeConfig:
                 raise ValueError(f"--{name.replace('_', '-')}: must be positive, got {getattr(self, name)}")
         if self.batch_window_ms < 0:
             raise ValueError(f"--batch-window-ms: must be >= 0, got {self.batch_window_ms}")
+        if self.schedule not in ("mixed", "switch"):
+            raise ValueError(f"--schedule: must be 'mixed' or 'switch', got {self.schedule!r}")
         if not NAME_RE.match(self.base_name):
             raise ValueError(f"--base-name: {self.base_name!r} is not a plain name")
 
@@ -163,8 +166,8 @@ class Engine:
             raise RequestError(400, "the server was started without --adapters-dir", "name")
         if not isinstance(name, str) or not NAME_RE.match(name) or name == self.cfg.base_name:
             raise RequestError(400, f"invalid adapter name {name!r}: letters, digits, '_' and '-' only", "name")
-        path = (self.adapters_dir / name).resolve()
-        if path.parent != self.adapters_dir:  # belt and braces: the name regex already forbids this
+        path = self.adapters_dir / name  # a symlink placed in the directory by its owner is fine
+        if path.parent != self.adapters_dir or name in (".", ".."):  # the name regex already forbids this
             raise RequestError(400, f"invalid adapter name {name!r}", "name")
         return path
 
@@ -199,14 +202,21 @@ class Engine:
         self.queue.put(req)
 
     def _worker(self) -> None:
+        pending: list[GenRequest] = []  # switch schedule: requests waiting for their adapter's turn
         while True:
-            batch = [self.queue.get()]
+            if not pending:
+                pending.append(self.queue.get())
             deadline = time.monotonic() + self.cfg.batch_window_ms / 1000
-            while len(batch) < self.cfg.max_batch_size:
+            while len(pending) < 4 * self.cfg.max_batch_size:
                 try:
-                    batch.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                    pending.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
+            if self.cfg.schedule == "switch":  # the oldest request's adapter goes next
+                batch = [r for r in pending if r.adapter == pending[0].adapter][: self.cfg.max_batch_size]
+            else:
+                batch = pending[: self.cfg.max_batch_size]
+            pending = [r for r in pending if not any(r is b for b in batch)]
             with self.lock:
                 self._run(batch)
 
@@ -240,8 +250,16 @@ class Engine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         names = [r.adapter for r in batch]
-        kwargs = {"adapter_names": names} if self.model is not None else {}
         run = self.model if self.model is not None else self.base
+        kwargs: dict[str, Any] = {}
+        if self.model is not None and self.cfg.schedule == "switch":  # one adapter, merged in place
+            if not self.model.merge_mode:
+                self.model.set_adapter(names[0])
+                if names[0] != "__base__":
+                    self.model.merge()
+            self.model.set_adapter(names[0])
+        elif self.model is not None:
+            kwargs["adapter_names"] = names
         gens = [torch.Generator(device="cpu").manual_seed(r.seed) if r.seed is not None else None for r in batch]
         out = run(
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **kwargs
