@@ -122,6 +122,59 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import dataclasses
+    from pathlib import Path
+
+    from s2ft import evaluation as ev
+
+    if args.compare:
+        a, b = (json.loads(Path(p).read_text()) for p in args.compare)
+        print(ev.compare(a, b, (args.compare[0], args.compare[1])))
+        return 0
+    if not args.data_dir:
+        raise ValueError("--data-dir: required (a directory laid out like ../shared/data)")
+    tasks = ev.expand_tasks(args.tasks)
+    settings = ev.EvalSettings(
+        limit=args.limit,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        num_beams=args.num_beams,
+        max_new_tokens=args.max_new_tokens,
+        mmlu_shots=args.mmlu_shots,
+        mmlu_subjects=args.mmlu_subjects,
+        ppl_window=args.ppl_window,
+        ppl_tokens=args.ppl_tokens,
+    )
+    out = Path(args.output_dir)
+    meta = {"model": args.model, "adapter": args.adapter, "settings": dataclasses.asdict(settings)}
+    results: dict = {}
+    previous = out / "results.json"
+    if previous.is_file():  # resume: keep finished tasks evaluated with the same model and settings
+        old = json.loads(previous.read_text())
+        if {k: old.get(k) for k in meta} == meta:
+            results = {t: r for t, r in old["results"].items() if t in tasks}
+            if results:
+                print(f"resuming: {', '.join(results)} already done in {previous}")
+    todo = [t for t in tasks if t not in results]
+    model, tokenizer, what = ev.load_for_eval(args.model, args.adapter)
+    print(f"evaluating {what} on {', '.join(todo) or 'nothing new'}")
+
+    def save(task: str, result: dict) -> None:
+        results[task] = result
+        ordered = {t: results[t] for t in tasks if t in results}
+        ev._atomic_text(previous, json.dumps({**meta, "description": what, "results": ordered}, indent=2) + "\n")
+        print(ev.format_row(task, result), flush=True)
+
+    out.mkdir(parents=True, exist_ok=True)
+    ev.evaluate_tasks(model, tokenizer, args.data_dir, todo, settings, out, on_task=save)
+    final = {t: results[t] for t in tasks}
+    print("\n" + ev.table(final))
+    ev.plot(final, out / "results.png", what)
+    print(f"\nresults: {previous} (per-example JSONL beside it), chart: {out / 'results.png'}")
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     from s2ft.adapter_io import read_adapter
 
@@ -366,6 +419,34 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--dtype", default="auto", help="auto (bf16 on capable GPUs, else fp32), float32, bfloat16")
     srv.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     srv.set_defaults(func=_serve)
+
+    evp = sub.add_parser(
+        "eval",
+        help="evaluate a model (+ S²FT or PEFT adapter) on commonsense, arithmetic, MMLU and perplexity",
+        description="The LLM-Adapters protocol: Alpaca prompt, greedy generation (or --num-beams), answer "
+        "extraction (commonsense: first label of the task's pattern; arithmetic: last number, within 0.001; AQuA: "
+        "a strict answer-letter rule). MMLU by log-likelihood of the answer letters; perplexity on WikiText-2. "
+        "Writes results.json, <task>.jsonl (every example with its extracted prediction) and results.png; a "
+        "rerun into the same --output-dir skips finished tasks.",
+        epilog="example: s2ft eval --model smollm2 --adapter runs/arc/adapter --tasks ARC-Easy,boolq,mmlu "
+        "--data-dir ../shared/data --limit 200 --output-dir evals/arc",
+    )
+    evp.add_argument("--model", default="smollm2", help="base model: 'smollm2', a Hub id, a directory or a .gguf")
+    evp.add_argument("--adapter", help="an S²FT adapter or a PEFT adapter directory")
+    evp.add_argument("--tasks", default="commonsense", help="comma-separated tasks or groups (commonsense, math, all)")
+    evp.add_argument("--data-dir", help="directory laid out like ../shared/data (test/..., probe/...)")
+    evp.add_argument("--output-dir", default="s2ft-eval", help="where results go (default: %(default)s)")
+    evp.add_argument("--limit", type=int, help="evaluate a seeded subset of N examples per task")
+    evp.add_argument("--seed", type=int, default=0, help="seed of --limit subsets (default: %(default)s)")
+    evp.add_argument("--batch-size", type=int, default=16, help="sequences per forward (default: %(default)s)")
+    evp.add_argument("--num-beams", type=int, default=1, help="1 = greedy (default); 4 = the original protocol")
+    evp.add_argument("--max-new-tokens", type=int, help="default: 32 for commonsense, 256 for arithmetic")
+    evp.add_argument("--mmlu-shots", type=int, default=0, help="k-shot examples from the dev split (default: 0)")
+    evp.add_argument("--mmlu-subjects", type=int, help="a seeded subset of N subjects")
+    evp.add_argument("--ppl-window", type=int, default=1024, help="perplexity window in tokens (default: %(default)s)")
+    evp.add_argument("--ppl-tokens", type=int, help="score only the first N tokens of the text")
+    evp.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="print two results files side by side")
+    evp.set_defaults(func=_eval)
 
     info = sub.add_parser("info", help="describe a saved adapter", description="Print what an adapter directory holds.")
     info.add_argument("adapter", help="adapter directory written by save_pretrained")

@@ -1,0 +1,475 @@
+"""`s2ft eval`: the evaluation harness of the paper's protocol (LLM-Adapters) plus two probes.
+
+Tasks:
+- commonsense (8): boolq, piqa, social_i_qa, hellaswag, winogrande, ARC-Easy, ARC-Challenge,
+  openbookqa. Greedy generation from the Alpaca prompt; the response is lower-cased and the
+  first match of the task's label pattern is the prediction (no match is wrong).
+- arithmetic (7): gsm8k, AQuA, mawps, SVAMP, MultiArith, AddSub, SingleEq. Commas removed,
+  the last number in the response is the prediction, correct within 0.001. AQuA uses a strict
+  letter rule (`aqua_letter`), not the original "first capital letter anywhere".
+- mmlu: log-likelihood of the four answer letters after a standard multiple-choice prompt,
+  zero-shot or k-shot from the dev split (`--mmlu-shots`).
+- wikitext2: perplexity of a text file in non-overlapping windows.
+
+Layout of `--data-dir` (the one in ../shared/data): `test/commonsense/<task>/test.json`,
+`test/math/<task>/test.json`, `probe/mmlu/{dev,test}/<subject>_{dev,test}.csv`,
+`probe/wikitext-2/test.txt`. The `test/` and `probe/` levels are optional.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+COMMONSENSE_LABELS = {
+    "boolq": r"true|false",
+    "piqa": r"solution[12]",
+    "social_i_qa": r"answer[1-5]",
+    "ARC-Easy": r"answer[1-5]",
+    "ARC-Challenge": r"answer[1-5]",
+    "openbookqa": r"answer[1-5]",
+    "hellaswag": r"ending[1-4]",
+    "winogrande": r"option[12]",
+}
+MATH_TASKS = ("gsm8k", "AQuA", "mawps", "SVAMP", "MultiArith", "AddSub", "SingleEq")
+PROBES = ("mmlu", "wikitext2")
+GROUPS = {
+    "commonsense": tuple(COMMONSENSE_LABELS),
+    "math": MATH_TASKS,
+    "all": (*COMMONSENSE_LABELS, *MATH_TASKS, *PROBES),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Answer extraction (unit-tested on hand-written responses)
+
+
+def commonsense_label(response: str, task: str) -> str | None:
+    """First label of `task`'s pattern in the lower-cased response, as a whole word
+    ("answer1" does not match inside "answer10"); None when there is none."""
+    m = re.search(rf"(?<![a-z0-9])({COMMONSENSE_LABELS[task]})(?![0-9])", response.lower())
+    return m.group(1) if m else None
+
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def last_number(response: str) -> float | None:
+    """The last number in the response after removing thousands separators ("1,234" ->
+    1234); a leading minus sign is kept ("-5"); None when there is no number."""
+    nums = _NUMBER.findall(response.replace(",", ""))
+    if not nums:
+        return None
+    try:
+        return float(nums[-1])
+    except ValueError:
+        return None
+
+
+def number_correct(pred: float | None, gold: Any) -> bool:
+    try:
+        return pred is not None and abs(pred - float(str(gold).replace(",", ""))) < 1e-3
+    except ValueError:
+        return False
+
+
+_AQUA_STATED = re.compile(r"answer\s*(?:is|:)?\s*(?:option\s*)?\(?([A-E])\)?(?![A-Za-z])", re.I)
+_AQUA_LONE = re.compile(r"^\(?([A-E])\)?[.)]?$")
+
+
+def aqua_letter(response: str) -> str | None:
+    """AQuA's answer letter, strictly: the last explicit statement ("the answer is (C)",
+    "Answer: C", "answer is option C"); else a last line that is only a letter ("C", "(C)",
+    "C."); else None. Letters elsewhere ("A train leaves…", "(B) 1000" in a list of options)
+    never count — the original "first capital letter" rule read those."""
+    stated = _AQUA_STATED.findall(response)
+    if stated:
+        return stated[-1].upper()
+    lines = [ln.strip() for ln in response.strip().splitlines() if ln.strip()]
+    m = _AQUA_LONE.match(lines[-1]) if lines else None
+    return m.group(1) if m else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def _find(data_dir: Path, *parts: str) -> Path:
+    for base in (data_dir, data_dir / "test", data_dir / "probe"):
+        p = base.joinpath(*parts)
+        if p.exists():
+            return p
+    raise FileNotFoundError(f"{data_dir}: no {'/'.join(parts)} (expected the layout of ../shared/data)")
+
+
+def load_task(data_dir: Path, task: str) -> list[dict[str, Any]]:
+    kind = "commonsense" if task in COMMONSENSE_LABELS else "math"
+    path = _find(data_dir, kind, task, "test.json")
+    records = json.loads(path.read_text(encoding="utf-8"))
+    for i, r in enumerate(records):
+        if not isinstance(r, dict) or "instruction" not in r or "answer" not in r:
+            raise ValueError(f"{path}: record {i} needs 'instruction' and 'answer'")
+    return records
+
+
+def subset(records: list, limit: int | None, seed: int) -> list:
+    """A seeded subset of `limit` records in their original order (all when limit is None)."""
+    if limit is None or limit >= len(records):
+        return records
+    keep = sorted(random.Random(seed).sample(range(len(records)), limit))
+    return [records[i] for i in keep]
+
+
+# ---------------------------------------------------------------------------------------------
+# Runners
+
+
+@dataclass
+class EvalSettings:
+    limit: int | None = None
+    seed: int = 0
+    batch_size: int = 16
+    num_beams: int = 1
+    max_new_tokens: int | None = None  # default: 32 commonsense, 256 math
+    mmlu_shots: int = 0
+    mmlu_subjects: int | None = None  # a seeded subset of subjects
+    ppl_window: int = 1024
+    ppl_tokens: int | None = None
+    progress: bool = True
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
+
+
+@torch.no_grad()
+def generate(
+    model: Any, tokenizer: Any, prompts: list[str], s: EvalSettings, max_new_tokens: int, desc: str
+) -> list[str]:
+    """Greedy (or beam) responses, batched with left padding and the KV cache, longest first."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out: list[str] = [""] * len(prompts)
+    bar = _bar(len(prompts), desc, s.progress)
+    for start in range(0, len(order), s.batch_size):
+        idx = order[start : start + s.batch_size]
+        enc = [tokenizer(prompts[i], add_special_tokens=True)["input_ids"] for i in idx]
+        width = max(len(e) for e in enc)
+        ids = torch.full((len(enc), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, e in enumerate(enc):
+            ids[row, width - len(e) :] = torch.tensor(e)
+            mask[row, width - len(e) :] = 1
+        gen = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=s.num_beams,
+            pad_token_id=pad,
+        )
+        for row, i in enumerate(idx):
+            out[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True)
+        bar.update(len(idx))
+    bar.close()
+    return out
+
+
+def run_generation_task(model: Any, tokenizer: Any, data_dir: Path, task: str, s: EvalSettings) -> tuple[dict, list]:
+    from s2ft.data import prompt
+
+    records = subset(load_task(data_dir, task), s.limit, s.seed)
+    is_cs = task in COMMONSENSE_LABELS
+    max_new = s.max_new_tokens or (32 if is_cs else 256)
+    responses = generate(model, tokenizer, [prompt(r) for r in records], s, max_new, task)
+    rows, correct = [], 0
+    for r, resp in zip(records, responses, strict=True):
+        if is_cs:
+            pred: Any = commonsense_label(resp, task)
+            ok = pred == str(r["answer"]).lower()
+        elif task == "AQuA":
+            pred = aqua_letter(resp)
+            ok = pred == str(r["answer"]).strip().upper()
+        else:
+            pred = last_number(resp)
+            ok = number_correct(pred, r["answer"])
+        correct += ok
+        rows.append(
+            {
+                "instruction": r["instruction"],
+                "response": resp,
+                "prediction": pred,
+                "answer": r["answer"],
+                "correct": ok,
+            }
+        )
+    return _accuracy(correct, len(records)), rows
+
+
+def _accuracy(correct: int, n: int) -> dict:
+    lo, hi = wilson(correct, n)
+    return {"metric": "accuracy", "accuracy": correct / max(n, 1), "correct": correct, "n": n, "ci95": [lo, hi]}
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score 95% interval of a binomial proportion k/n."""
+    if n == 0:
+        return 0.0, 0.0
+    p = k / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+MMLU_HEADER = "The following are multiple choice questions (with answers) about {subject}.\n\n"
+
+
+def _mmlu_item(row: dict, with_answer: bool) -> str:
+    text = row["question"].strip() + "\n" + "".join(f"{L}. {row[f'choice{i}']}\n" for i, L in enumerate("ABCD"))
+    return text + "Answer:" + (f" {'ABCD'[int(row['answer'])]}\n\n" if with_answer else "")
+
+
+def _read_csv(path: Path) -> list[dict]:
+    import csv
+
+    with path.open(encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@torch.no_grad()
+def run_mmlu(model: Any, tokenizer: Any, data_dir: Path, s: EvalSettings) -> tuple[dict, list]:
+    test_dir = _find(data_dir, "mmlu", "test")
+    subjects = sorted(p.name[: -len("_test.csv")] for p in test_dir.glob("*_test.csv"))
+    if s.mmlu_subjects:
+        subjects = sorted(random.Random(s.seed).sample(subjects, min(s.mmlu_subjects, len(subjects))))
+    items = []
+    for subj in subjects:
+        shots = ""
+        if s.mmlu_shots:
+            dev = _read_csv(_find(data_dir, "mmlu", "dev") / f"{subj}_dev.csv")[: s.mmlu_shots]
+            shots = "".join(_mmlu_item(r, True) for r in dev)
+        header = MMLU_HEADER.format(subject=subj.replace("_", " "))
+        for r in _read_csv(test_dir / f"{subj}_test.csv"):
+            items.append((subj, header + shots + _mmlu_item(r, False), int(r["answer"])))
+    items = subset(items, s.limit, s.seed)
+    letters = [tokenizer(f" {L}", add_special_tokens=False)["input_ids"][-1] for L in "ABCD"]
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows, correct = [], 0
+    bar = _bar(len(items), "mmlu", s.progress)
+    for start in range(0, len(items), s.batch_size):
+        chunk = items[start : start + s.batch_size]
+        enc = [tokenizer(p, add_special_tokens=True)["input_ids"][-2048:] for _, p, _ in chunk]
+        width = max(len(e) for e in enc)
+        ids = torch.full((len(enc), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, e in enumerate(enc):
+            ids[row, width - len(e) :] = torch.tensor(e)
+            mask[row, width - len(e) :] = 1
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        logits = (
+            model(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=positions.to(device),
+                logits_to_keep=1,
+            )
+            .logits[:, -1]
+            .float()
+        )
+        scores = torch.log_softmax(logits, -1)[:, letters].cpu()  # (B, 4)
+        for (subj, _, gold), sc in zip(chunk, scores, strict=True):
+            pred = int(sc.argmax())
+            correct += pred == gold
+            rows.append({"subject": subj, "prediction": "ABCD"[pred], "answer": "ABCD"[gold], "correct": pred == gold})
+        bar.update(len(chunk))
+    bar.close()
+    result = _accuracy(correct, len(items))
+    result.update(shots=s.mmlu_shots, subjects=len(subjects))
+    return result, rows
+
+
+@torch.no_grad()
+def run_perplexity(model: Any, tokenizer: Any, path: Path, s: EvalSettings) -> tuple[dict, list]:
+    """Perplexity over non-overlapping windows of `s.ppl_window` tokens (every token but each
+    window's first is predicted from the tokens before it in its window)."""
+    ids = tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    if s.ppl_tokens:
+        ids = ids[: s.ppl_tokens]
+    device = next(model.parameters()).device
+    nll, count, rows = 0.0, 0, []
+    windows = [ids[i : i + s.ppl_window] for i in range(0, len(ids), s.ppl_window)]
+    windows = [w for w in windows if len(w) > 1]
+    bar = _bar(len(windows), "wikitext2", s.progress)
+    for w in windows:
+        x = torch.tensor([w], device=device)
+        loss = model(input_ids=x, labels=x).loss.float().item()
+        nll += loss * (len(w) - 1)
+        count += len(w) - 1
+        rows.append({"tokens": len(w), "nll": loss})
+        bar.update(1)
+    bar.close()
+    mean = nll / max(count, 1)
+    return {
+        "metric": "perplexity",
+        "perplexity": math.exp(mean),
+        "nll": mean,
+        "tokens": count,
+        "window": s.ppl_window,
+    }, rows
+
+
+def run_task(model: Any, tokenizer: Any, data_dir: Path, task: str, s: EvalSettings) -> tuple[dict, list]:
+    if task == "mmlu":
+        return run_mmlu(model, tokenizer, data_dir, s)
+    if task == "wikitext2":
+        return run_perplexity(model, tokenizer, _find(data_dir, "wikitext-2", "test.txt"), s)
+    return run_generation_task(model, tokenizer, data_dir, task, s)
+
+
+def expand_tasks(spec: str) -> list[str]:
+    known = {*COMMONSENSE_LABELS, *MATH_TASKS, *PROBES}
+    lower = {k.lower(): k for k in known}
+    tasks: list[str] = []
+    for t in (x.strip() for x in spec.split(",") if x.strip()):
+        names = GROUPS.get(t.lower()) or ([lower[t.lower()]] if t.lower() in lower else None)
+        if names is None:
+            raise ValueError(f"--tasks: unknown task {t!r}; known: {', '.join(sorted(known))} or {', '.join(GROUPS)}")
+        tasks += [n for n in names if n not in tasks]
+    return tasks
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole runs, reports, comparison
+
+
+def load_for_eval(model_spec: str, adapter: str | None, dtype: Any = None, device: Any = None) -> tuple[Any, Any, str]:
+    """(model, tokenizer, description): the base, with an S²FT or PEFT adapter when given."""
+    from s2ft.loading import load_model, load_tokenizer
+
+    model = load_model(model_spec, dtype=dtype, device=device).eval()
+    tokenizer = load_tokenizer(model_spec)
+    what = model_spec
+    if adapter:
+        a = Path(adapter)
+        if (a / "s2ft_config.json").is_file():
+            from s2ft.model import S2FTModel
+
+            model = S2FTModel.from_pretrained(model, a).eval()
+            what += f" + S²FT adapter {a}"
+        elif (a / "adapter_config.json").is_file():
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, a).eval()
+            what += f" + PEFT adapter {a}"
+        else:
+            raise ValueError(f"--adapter {a}: neither an S²FT adapter (s2ft_config.json) nor a PEFT one")
+    tokenizer.padding_side = "left"
+    return model, tokenizer, what
+
+
+def evaluate_tasks(
+    model: Any,
+    tokenizer: Any,
+    data_dir: str | Path,
+    tasks: list[str],
+    s: EvalSettings,
+    output_dir: str | Path | None = None,
+    on_task: Callable[[str, dict], None] | None = None,
+) -> dict[str, dict]:
+    """Run `tasks`; write `<task>.jsonl` (one line per example) into `output_dir` as they finish."""
+    data_dir = Path(data_dir)
+    out = Path(output_dir) if output_dir else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for task in tasks:
+        t = time.time()
+        result, rows = run_task(model, tokenizer, data_dir, task, s)
+        result["seconds"] = round(time.time() - t, 1)
+        results[task] = result
+        if out:
+            _atomic_text(out / f"{task}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        if on_task:
+            on_task(task, result)
+    return results
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def format_row(task: str, r: dict) -> str:
+    if r["metric"] == "perplexity":
+        return f"{task:<15}{'ppl':>10}{r['perplexity']:>10.2f}{'':>18}{r['tokens']:>8} tokens"
+    lo, hi = r["ci95"]
+    return f"{task:<15}{'acc':>10}{100 * r['accuracy']:>9.1f}%   [{100 * lo:5.1f}, {100 * hi:5.1f}]{r['n']:>8}"
+
+
+def table(results: dict[str, dict]) -> str:
+    lines = [f"{'task':<15}{'metric':>10}{'value':>10}{'95% CI':>18}{'n':>8}"]
+    lines += [format_row(t, r) for t, r in results.items()]
+    accs = [r["accuracy"] for r in results.values() if r["metric"] == "accuracy"]
+    if len(accs) > 1:
+        lines.append(f"{'mean (acc)':<15}{'acc':>10}{100 * sum(accs) / len(accs):>9.1f}%")
+    return "\n".join(lines)
+
+
+def compare(a: dict, b: dict, names: tuple[str, str]) -> str:
+    """Side-by-side table of two results.json files (B - A, with both intervals)."""
+    ra, rb = a["results"], b["results"]
+    lines = [f"{'task':<15}{names[0][:18]:>20}{names[1][:18]:>20}{'B - A':>10}"]
+    for task in [t for t in ra if t in rb]:
+        x, y = ra[task], rb[task]
+        if x["metric"] == "perplexity":
+            lines.append(
+                f"{task:<15}{x['perplexity']:>20.2f}{y['perplexity']:>20.2f}{y['perplexity'] - x['perplexity']:>+10.2f}"
+            )
+        else:
+            d = 100 * (y["accuracy"] - x["accuracy"])
+            lines.append(f"{task:<15}{100 * x['accuracy']:>19.1f}%{100 * y['accuracy']:>19.1f}%{d:>+9.1f}")
+    only = sorted(set(ra) ^ set(rb))
+    if only:
+        lines.append(f"(in one file only: {', '.join(only)})")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acc = {t: r for t, r in results.items() if r["metric"] == "accuracy"}
+    fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(acc) + 2), 3.6), dpi=110)
+    names = list(acc)
+    vals = [100 * acc[t]["accuracy"] for t in names]
+    err = [
+        [v - 100 * acc[t]["ci95"][0] for t, v in zip(names, vals, strict=True)],
+        [100 * acc[t]["ci95"][1] - v for t, v in zip(names, vals, strict=True)],
+    ]
+    ax.bar(names, vals, yerr=err, capsize=3, color="C0")
+    ax.set_ylabel("accuracy (%), 95% CI")
+    ppl = {t: r for t, r in results.items() if r["metric"] == "perplexity"}
+    ax.set_title(title + "".join(f"  |  {t} ppl {r['perplexity']:.1f}" for t, r in ppl.items()), fontsize=9)
+    ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
