@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from s2ft.data import builtin_dataset, tokenize
+from s2ft.data import builtin_dataset, tokenize, tokenize_chat
 
 _FORMAT = re.compile(r"Answer format:\s*(\S+)\s*$")
 
@@ -31,7 +31,12 @@ def candidates(record: dict[str, Any]) -> list[str]:
 
 @torch.no_grad()
 def evaluate(
-    model: Any, tokenizer: Any, records: list[dict[str, Any]], batch_size: int = 16, max_length: int = 512
+    model: Any,
+    tokenizer: Any,
+    records: list[dict[str, Any]],
+    batch_size: int = 16,
+    max_length: int = 512,
+    template: str = "alpaca",
 ) -> dict[str, float]:
     """Label accuracy and gold-response loss on `records`, one forward pass per question.
 
@@ -45,7 +50,7 @@ def evaluate(
     device = next(model.parameters()).device
     items = []
     for rec in records:
-        seq = tokenize(rec, tokenizer, max_length)
+        seq = tokenize_chat(rec, tokenizer, max_length) if template == "chat" else tokenize(rec, tokenizer, max_length)
         resp_start = seq["labels"].count(-100)  # prompt tokens are the masked prefix
         cands = candidates(rec) or [rec["answer"]]
         cand_ids = [tokenizer(f"the correct answer is {c}", add_special_tokens=False)["input_ids"] for c in cands]
