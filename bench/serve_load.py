@@ -211,7 +211,7 @@ def main() -> None:
         if args.smoke:
             model = str(tmp / "tiny")
             tiny_model_dir(Path(model))
-            args.adapters, args.clients, args.seconds, args.max_tokens, args.ffn_ratio = "1,2", 3, 2, 4, 0.1
+            args.adapters, args.clients, args.seconds, args.max_tokens, args.ffn_ratio = "2", 3, 2, 4, 0.1
         counts = [int(c) for c in args.adapters.split(",")]
         make_adapters(model, tmp / "all", max(counts), args.ffn_ratio)
         result = {
