@@ -84,3 +84,42 @@ def test_plot_loss_writes_png_even_without_points(tmp_path):
     for name, points in (("some", [(1, 2.0), (2, 1.5)]), ("none", [])):
         path = plot_loss({"train": points}, tmp_path / f"{name}.png")
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_option_parsing_covers_every_shipped_record():
+    from s2ft.data import options, with_option_text
+
+    train, held = builtin_dataset("arc_easy")
+    text_train, _ = builtin_dataset("arc_easy_text")
+    for rec in train + held:
+        opts = options(rec)
+        assert 3 <= len(opts) <= 5 and all(opts)
+        assert with_option_text(rec)["output"] == opts[int(rec["answer"][-1]) - 1]
+    assert text_train[0]["output"] == options(train[0])[int(train[0]["answer"][-1]) - 1]
+
+
+@torch.no_grad()
+def test_option_scoring_matches_brute_force():
+    from s2ft.data import options
+    from s2ft.demo import evaluate_options
+
+    records = builtin_dataset("arc_easy")[1][:10]
+    tok = word_tokenizer(records)
+    model = tiny_llama_for(tok).double().eval()
+    model.lm_head.weight.mul_(50)
+    got = evaluate_options(model, tok, records, batch_size=7)
+    correct, nll, n = 0, 0.0, 0
+    for rec in records:
+        scores = []
+        for j, text in enumerate(options(rec)):
+            seq = tokenize(rec, tok, 512, response=text)
+            ids, lab = torch.tensor([seq["input_ids"]]), seq["labels"]
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1)
+            lp = [float(logp[t, lab[t + 1]]) for t in range(len(lab) - 1) if lab[t + 1] != -100]
+            scores.append(sum(lp[:-1]) / len(lp[:-1]))  # mean over the text, EOS excluded
+            if j == int(rec["answer"][-1]) - 1:
+                nll -= sum(lp)
+                n += len(lp)
+        correct += max(range(len(scores)), key=scores.__getitem__) == int(rec["answer"][-1]) - 1
+    assert got["accuracy"] == pytest.approx(correct / len(records), abs=1e-12)
+    assert got["loss"] == pytest.approx(nll / n, rel=1e-5)

@@ -314,4 +314,4 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 def test_example_configs_are_valid(path):
     args = resolve_args({"config": str(path), "output_dir": "unused"})
     assert args.data and args.model
-    assert path.name != "demo.yaml" or args.data == "builtin:arc_easy"
+    assert path.name != "demo.yaml" or args.data == "builtin:arc_easy_text"

@@ -6,6 +6,7 @@ and tokenizing with the loss on response tokens only."""
 from __future__ import annotations
 
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -170,9 +171,35 @@ def check_record(rec: Any, where: str) -> None:
         raise DataError(f"{where}: field 'input' must be a string")
 
 
+_OPTION = re.compile(r"Answer(\d+): (.*?)(?= Answer\d+: |\n\nAnswer format)", re.S)
+
+
+def options(record: dict[str, Any]) -> list[str]:
+    """The answer options' texts, in label order, parsed from the LLM-Adapters instruction."""
+    found = _OPTION.findall(record["instruction"])
+    if [int(k) for k, _ in found] != list(range(1, len(found) + 1)):
+        raise ValueError(f"cannot parse the answer options of: {record['instruction'][:80]!r}")
+    return [text.strip() for _, text in found]
+
+
+def with_option_text(record: dict[str, Any]) -> dict[str, Any]:
+    """The record with the gold option's text as its response instead of "…is answerK"."""
+    gold = int(record["answer"].removeprefix("answer")) - 1
+    return {**record, "output": options(record)[gold]}
+
+
 def builtin_dataset(name: str = "arc_easy") -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(train, held-out) records of a dataset shipped inside the package (see its README.md)."""
+    """(train, held-out) records of a dataset shipped inside the package (see its README.md).
+
+    `arc_easy` is the LLM-Adapters format (responses "the correct answer is answerK");
+    `arc_easy_text` is the same questions with the gold option's text as the response.
+    """
+    if name == "arc_easy_text":
+        train, held = builtin_dataset("arc_easy")
+        return [with_option_text(r) for r in train], [with_option_text(r) for r in held]
     root = resources.files("s2ft") / "data" / name
+    if not root.is_dir():
+        raise DataError(f"no built-in dataset {name!r}; have arc_easy, arc_easy_text")
     with resources.as_file(root) as path:
         return read_jsonl(path / "train.jsonl"), read_jsonl(path / "eval.jsonl")
 

@@ -2,9 +2,13 @@
 S²FT on the ARC-Easy subset shipped in the package, evaluate before and after on 200 held-out
 questions, and write the adapter, a loss plot and a JSON report.
 
-Evaluation ranks the answer labels: for each question every candidate response
-("the correct answer is answerK") is scored by its log-likelihood under the model, and the
-most likely one is the prediction. The held-out loss is the per-token NLL of the gold response.
+The model is trained to answer with the text of the correct option (`builtin:arc_easy_text`),
+and evaluated by which option's text it finds most likely as the response (mean token
+log-probability, as lm-eval scores ARC). The paper's label format ("the correct answer is
+answer3") is too hard for a 135M model in a few minutes: measured here, it learns the
+response template and the label prior (always "answer2"/"answer3") but not the question, so
+its accuracy only moves with the label distribution. `evaluate()` (label ranking) is kept for
+that format.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any
 
 import torch
 
-from s2ft.data import builtin_dataset, tokenize, tokenize_chat
+from s2ft.data import builtin_dataset, options, tokenize, tokenize_chat
 
 _FORMAT = re.compile(r"Answer format:\s*(\S+)\s*$")
 
@@ -98,6 +102,59 @@ def evaluate(
     return {"accuracy": correct / len(records), "loss": nll_sum / max(tokens, 1), "n": len(records)}
 
 
+@torch.no_grad()
+def evaluate_options(
+    model: Any, tokenizer: Any, records: list[dict[str, Any]], batch_size: int = 16, max_length: int = 512
+) -> dict[str, float]:
+    """Accuracy of picking the option whose text, as the response, has the highest mean token
+    log-probability (length-normalised, like lm-eval's ARC scoring), and the per-token loss
+    of the gold option's text (with EOS)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pairs = []  # (record index, option index, ids, first response position)
+    for i, rec in enumerate(records):
+        for j, text in enumerate(options(rec)):
+            seq = tokenize(rec, tokenizer, max_length, response=text)
+            pairs.append((i, j, seq["input_ids"], seq["labels"].count(-100)))
+    scores: dict[tuple[int, int], float] = {}
+    gold_nll, gold_tokens = 0.0, 0
+    order = sorted(range(len(pairs)), key=lambda k: len(pairs[k][2]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for start in range(0, len(order), batch_size):
+        chunk = [pairs[k] for k in order[start : start + batch_size]]
+        width = max(len(ids) for _, _, ids, _ in chunk)
+        keep = max(len(ids) - r0 for _, _, ids, r0 in chunk) + 1
+        ids_t = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids_t)
+        for row, (_, _, ids, _) in enumerate(chunk):
+            ids_t[row, width - len(ids) :] = torch.tensor(ids)
+            mask[row, width - len(ids) :] = 1
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        logits = model(
+            input_ids=ids_t.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+            logits_to_keep=keep,
+        ).logits.float()
+        logp = torch.log_softmax(logits, -1).cpu()  # (B, keep, V): column c predicts position width-keep+c+1
+        for row, (i, j, ids, r0) in enumerate(chunk):
+            targets = torch.tensor(ids[r0:])  # response tokens, EOS last
+            cols = torch.arange(r0 - 1, len(ids) - 1) - (len(ids) - keep)  # (width - len) cancels: left padding
+            tok_lp = logp[row, cols].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            scores[(i, j)] = float(tok_lp[:-1].mean()) if len(tok_lp) > 1 else float(tok_lp.sum())
+            if j == int(records[i]["answer"].removeprefix("answer")) - 1:
+                gold_nll -= float(tok_lp.sum())
+                gold_tokens += len(tok_lp)
+    correct = 0
+    for i, rec in enumerate(records):
+        n = len(options(rec))
+        pred = max(range(n), key=lambda j: scores[(i, j)])
+        correct += pred == int(rec["answer"].removeprefix("answer")) - 1
+    model.train(was_training)
+    return {"accuracy": correct / len(records), "loss": gold_nll / max(gold_tokens, 1), "n": len(records)}
+
+
 def _summary(m: dict[str, float]) -> str:
     return f"accuracy {m['accuracy']:.1%}, held-out loss {m['loss']:.3f}"
 
@@ -128,18 +185,18 @@ def run_demo(
     t0 = time.time()
     torch.manual_seed(seed)
     model, tokenizer = load_model_and_tokenizer(model_spec)
-    train, held = builtin_dataset("arc_easy")
+    train, held = builtin_dataset("arc_easy_text")
     held = held[:eval_limit]
     print(
         f"[s2ft demo] model loaded in {time.time() - t0:.0f}s; {len(train)} training and {len(held)} held-out questions"
     )
     t = time.time()
-    before = evaluate(model, tokenizer, held)
+    before = evaluate_options(model, tokenizer, held)
     print(f"[s2ft demo] before: {_summary(before)} ({time.time() - t:.0f}s)")
 
     args = TrainArgs(
         model=model_spec,
-        data="builtin:arc_easy",
+        data="builtin:arc_easy_text",
         output_dir=str(out),
         template="alpaca",
         max_length=max_length,
@@ -161,7 +218,7 @@ def run_demo(
 
     t = time.time()
     tuned = S2FTModel.from_pretrained(model, out / "adapter")
-    after = evaluate(tuned, tokenizer, held)
+    after = evaluate_options(tuned, tokenizer, held)
     print(f"[s2ft demo] after:  {_summary(after)} ({time.time() - t:.0f}s)")
     train_time = summary["train_seconds"]
     report = {
@@ -181,8 +238,9 @@ def run_demo(
     print(
         "\n[s2ft demo] report\n"
         f"  held-out accuracy  {before['accuracy']:.1%} -> {after['accuracy']:.1%}"
-        f"   ({len(held)} ARC-Easy questions, label ranking; 95% interval about ±{_half_width(after, len(held)):.0%})\n"
-        f"  held-out loss      {before['loss']:.3f} -> {after['loss']:.3f}   (per token, gold response)\n"
+        f"   ({len(held)} ARC-Easy questions, most likely option text; chance ~25%, "
+        f"95% interval about ±{_half_width(after, len(held)):.0%})\n"
+        f"  held-out loss      {before['loss']:.3f} -> {after['loss']:.3f}   (per token of the gold option's text)\n"
         f"  training           {steps} steps x {batch_size} in {train_time:.0f}s "
         f"({summary['seconds_per_step']} s/step), "
         f"{summary['trainable_parameters']:,} trainable parameters\n"
