@@ -127,22 +127,26 @@ class S2FTLayer(nn.Module):
         )
 
     def _mixed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """One base matmul for the batch, then each adapter's blocks on its own rows (dim 0)."""
+        """One base matmul for the batch, then each adapter's blocks added in place to its own
+        rows (dim 0): no copy of the output per adapter."""
         if self.merged_adapters:
             raise RuntimeError("mixed-adapter batches need unmerged weights; call unmerge() first")
-        y = self.base_layer(x, *args, **kwargs)  # (B, ..., out)
+        y = self.base_layer(x, *args, **kwargs).contiguous()  # (B, ..., out); backward does not need y
+        y3 = y.view(y.shape[0], -1, y.shape[-1])  # (B, M, out), M = tokens per row
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, M, in)
         for name, rows in self.batch_adapters.groups(x.shape[0], x.device):
             d = self.s2ft[name] if name in self.s2ft else None
             if d is None:
                 continue
-            xa = x.index_select(0, rows)  # (n_a, ..., in)
-            ya = y.index_select(0, rows)  # (n_a, ..., out)
-            if d.row_delta is not None:
-                r = F.linear(xa, d.row_delta.to(x.dtype), None if d.row_bias is None else d.row_bias.to(x.dtype))
-                ya = ya.index_add(-1, d.row_idx, r.to(ya.dtype))  # (n_a, ..., k_r) into columns R
-            if d.col_delta is not None:
-                ya = ya + F.linear(xa.index_select(-1, d.col_idx), d.col_delta.to(x.dtype)).to(ya.dtype)
-            y = y.index_copy(0, rows, ya)
+            xa = x3.index_select(0, rows)  # (n_a, M, in)
+            if d.col_delta is not None:  # y[rows] += x[rows, :, C] D_cᵀ
+                y3.index_add_(0, rows, F.linear(xa.index_select(-1, d.col_idx), d.col_delta.to(x.dtype)).to(y.dtype))
+            if d.row_delta is not None:  # y[rows, :, R] += x[rows] D_rᵀ + d_b
+                bias = None if d.row_bias is None else d.row_bias.to(x.dtype)
+                r = F.linear(xa, d.row_delta.to(x.dtype), bias).to(y.dtype)  # (n_a, M, k_r)
+                tokens = torch.arange(y3.shape[1], device=y.device)
+                where = (rows.view(-1, 1, 1), tokens.view(1, -1, 1), d.row_idx.view(1, 1, -1))
+                y3.index_put_(where, r, accumulate=True)
         return y
 
     @torch.no_grad()
