@@ -324,6 +324,20 @@ def build_dataset(
     return rows, stats
 
 
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[Any, Any, Any]:
+    """`(input_ids, attention_mask, position_ids)` (B, T) for left-padded sequences: every
+    row ends at the last column (where generation continues), positions count real tokens."""
+    import torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(seqs):
+        ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq) :] = 1
+    return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
+
+
 def calibration_batches(
     records: list[dict[str, Any]],
     tokenizer: Any,

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from s2ft.data import builtin_dataset, options, tokenize, tokenize_chat
+from s2ft.data import builtin_dataset, left_pad, options, tokenize, tokenize_chat
 
 _FORMAT = re.compile(r"Answer format:\s*(\S+)\s*$")
 
@@ -123,14 +123,8 @@ def evaluate_options(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for start in range(0, len(order), batch_size):
         chunk = [pairs[k] for k in order[start : start + batch_size]]
-        width = max(len(ids) for _, _, ids, _ in chunk)
         keep = max(len(ids) - r0 for _, _, ids, r0 in chunk) + 1
-        ids_t = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids_t)
-        for row, (_, _, ids, _) in enumerate(chunk):
-            ids_t[row, width - len(ids) :] = torch.tensor(ids)
-            mask[row, width - len(ids) :] = 1
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        ids_t, mask, positions = left_pad([ids for _, _, ids, _ in chunk], pad)
         logits = model(
             input_ids=ids_t.to(device),
             attention_mask=mask.to(device),

@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from s2ft.data import left_pad
+
 COMMONSENSE_LABELS = {
     "boolq": r"true|false",
     "piqa": r"solution[12]",
@@ -165,13 +167,8 @@ def generate(
     bar = _bar(len(prompts), desc, s.progress)
     for start in range(0, len(order), s.batch_size):
         idx = order[start : start + s.batch_size]
-        enc = [tokenizer(prompts[i], add_special_tokens=True)["input_ids"] for i in idx]
-        width = max(len(e) for e in enc)
-        ids = torch.full((len(enc), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, e in enumerate(enc):
-            ids[row, width - len(e) :] = torch.tensor(e)
-            mask[row, width - len(e) :] = 1
+        ids, mask, _ = left_pad([tokenizer(prompts[i], add_special_tokens=True)["input_ids"] for i in idx], pad)
+        width = ids.shape[1]
         gen = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
@@ -272,14 +269,9 @@ def run_mmlu(model: Any, tokenizer: Any, data_dir: Path, s: EvalSettings) -> tup
     bar = _bar(len(items), "mmlu", s.progress)
     for start in range(0, len(items), s.batch_size):
         chunk = items[start : start + s.batch_size]
-        enc = [tokenizer(p, add_special_tokens=True)["input_ids"][-2048:] for _, p, _ in chunk]
-        width = max(len(e) for e in enc)
-        ids = torch.full((len(enc), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, e in enumerate(enc):
-            ids[row, width - len(e) :] = torch.tensor(e)
-            mask[row, width - len(e) :] = 1
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        ids, mask, positions = left_pad(
+            [tokenizer(p, add_special_tokens=True)["input_ids"][-2048:] for _, p, _ in chunk], pad
+        )
         logits = (
             model(
                 input_ids=ids.to(device),

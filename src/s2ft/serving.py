@@ -35,6 +35,8 @@ from typing import Any, Literal
 
 import torch
 
+from s2ft.data import left_pad
+
 log = logging.getLogger("s2ft.serve")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
 
@@ -241,14 +243,8 @@ class Engine:
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
         b = len(batch)
-        width = max(len(r.prompt_ids) for r in batch)
-        ids = torch.full((b, width), pad, dtype=torch.long)
-        mask = torch.zeros((b, width), dtype=torch.long)
-        for i, r in enumerate(batch):  # left padding: every row's next token is at the end
-            ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
-            mask[i, width - len(r.prompt_ids) :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        ids, mask, positions = left_pad([r.prompt_ids for r in batch], pad)  # every next token at the end
+        ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
         names = [r.adapter for r in batch]
         run = self.model if self.model is not None else self.base
         kwargs: dict[str, Any] = {}
