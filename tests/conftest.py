@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+import socket
 
 import pytest
 import torch
@@ -164,3 +165,10 @@ def tiny_llama_for(tok, num_hidden_layers: int = 2):
         bos_token_id=None,
     )
     return T.AutoModelForCausalLM.from_config(cfg)
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

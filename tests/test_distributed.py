@@ -4,12 +4,12 @@ process on the combined batch."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from conftest import free_port
 from safetensors.torch import load_file
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -25,12 +25,6 @@ def _run(args, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_ddp_matches_single_process(tmp_path):
     _run(
         [
@@ -41,7 +35,7 @@ def test_torchrun_ddp_matches_single_process(tmp_path):
             "--master_addr",
             "127.0.0.1",
             "--master_port",
-            str(_free_port()),
+            str(free_port()),
             str(WORKER),
             str(tmp_path / "ddp.safetensors"),
         ],

@@ -7,7 +7,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import httpx
 import pytest
 import torch
 import transformers as T
-from conftest import tiny_llama_for, word_tokenizer
+from conftest import free_port, tiny_llama_for, word_tokenizer
 
 from s2ft import S2FTConfig, S2FTModel, get_s2ft_model
 from s2ft.data import builtin_dataset
@@ -24,12 +23,6 @@ from s2ft.data import builtin_dataset
 openai = pytest.importorskip("openai")
 KEY = "test-key"
 PROMPTS = ["Which is the correct answer", "the correct answer is", "Please choose the correct answer to the question"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module", params=["mixed", "switch"])
@@ -48,7 +41,7 @@ def server(tmp_path_factory, request):
                 if p.requires_grad:
                     p.copy_(torch.randn(p.shape, generator=g) * 2.0)
         m.save_pretrained(root / ("adapters" if name != "spare" else "elsewhere") / name)
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "s2ft.cli", "serve", "--model", str(root / "model")]
     cmd += ["--adapters-dir", str(root / "adapters"), "--port", str(port), "--api-key", KEY, "--max-tokens", "24"]
     cmd += ["--max-prompt-tokens", "40", "--max-body-bytes", "4000", "--batch-window-ms", "200"]

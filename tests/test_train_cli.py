@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import pytest
 import torch
 import transformers as T
 import yaml
-from conftest import tiny_llama_for, word_tokenizer
+from conftest import free_port, tiny_llama_for, word_tokenizer
 from safetensors.torch import load_file
 
 from s2ft.cli import main
@@ -274,16 +273,10 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(setup, tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_processes(setup, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
-    cmd += ["--master_port", str(_free_port()), "-m", "s2ft.cli", "train", "--model", setup["model"]]
+    cmd += ["--master_port", str(free_port()), "-m", "s2ft.cli", "train", "--model", setup["model"]]
     cmd += ["--data", setup["data"], "--output-dir", str(out), "--max-steps", "4", "--device", "cpu"]
     cmd += ["--ffn-ratio", "0.25", "--batch-size", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
