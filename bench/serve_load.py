@@ -29,6 +29,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_efficiency import save_results
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -237,11 +240,7 @@ def main() -> None:
             f"| {n} | {sched} | {p['requests_per_s']:.2f} | {p['tokens_per_s']:.1f} | {p['p50_s']:.2f} | "
             f"{p['p99_s']:.2f} | {p['mean_batch'] or 0:.1f} |"
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, out.with_suffix(".png"))
-    print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    save_results(args.out, result, plot)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import tempfile
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_efficiency import bench_model
+from train_efficiency import bench_model, save_results
 
 from s2ft import S2FTConfig, get_s2ft_model
 from s2ft.budget import lora_target_modules, match_rank
@@ -279,11 +278,7 @@ def main() -> None:
         f"({m['merged_vs_base']:.3f}x), merge_and_unload {m['merge_and_unload'] * 1e3:.0f} ms "
         f"({m['unloaded_vs_base']:.3f}x)"
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, out.with_suffix(".png"))
-    print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    save_results(args.out, result, plot)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,15 @@ SIZES = {
 }
 
 
+def save_results(prefix: str | Path, result: dict, plot) -> None:
+    """Write `prefix.json` and `prefix.png` (`plot(result, path)`); shared by the bench scripts."""
+    out = Path(prefix)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, out.with_suffix(".png"))
+    print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+
+
 def bench_model(size: str, dtype: torch.dtype, device: str):
     """The benchmark model of `size` ("smollm2", "llama-0.5b" or "tiny"); also used by ab_floor.py."""
     import transformers as T
@@ -386,12 +395,7 @@ def main() -> None:
         args.sizes, args.rounds, args.steps, args.warmup = "tiny", 1, 2, 1
     args.sizes = args.sizes.split(",")
     args.methods = args.methods.split(",")
-    result = run_all(args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    _plot(result, out.with_suffix(".png"))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    save_results(args.out, run_all(args), _plot)
 
 
 if __name__ == "__main__":

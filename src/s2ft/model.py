@@ -21,7 +21,9 @@ part of it. That keeps `Trainer` checkpoints adapter-sized and resumable. Use
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -158,8 +160,6 @@ class S2FTModel(nn.Module):
         if adapter_name not in self.s2ft_config:
             raise ValueError(f"unknown adapter {adapter_name!r}; have {list(self.s2ft_config)}")
         if adapter_name == self.active_adapter:
-            import warnings
-
             warnings.warn(f"deleted the active adapter {adapter_name!r}; the base model is active now", stacklevel=2)
         self._remove(adapter_name)
 
@@ -212,9 +212,6 @@ class S2FTModel(nn.Module):
         """Add `new_name` = Σ weights[i] · adapter i (exact; default weights 1). Returns the
         per-module overlap of the adapters' rows/columns and warns when, in some module, more
         than `warn_overlap` of the union is trained by two or more of them."""
-        import dataclasses
-        import warnings
-
         from s2ft import fusion
 
         if len(adapter_names) < 2:

@@ -249,11 +249,10 @@ class Engine:
         run = self.model if self.model is not None else self.base
         kwargs: dict[str, Any] = {}
         if self.model is not None and self.cfg.schedule == "switch":  # one adapter, merged in place
-            if not self.model.merge_mode:
-                self.model.set_adapter(names[0])
-                if names[0] != "__base__":
-                    self.model.merge()
-            self.model.set_adapter(names[0])
+            if self.model.active_adapter != names[0]:
+                self.model.set_adapter(names[0])  # in merged mode: unmerge the old blocks, merge the new
+            if not self.model.merge_mode and names[0] != "__base__":
+                self.model.merge()
         elif self.model is not None:
             kwargs["adapter_names"] = names
         gens = [torch.Generator(device="cpu").manual_seed(r.seed) if r.seed is not None else None for r in batch]
