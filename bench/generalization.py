@@ -63,10 +63,10 @@ def main() -> None:
     ap.add_argument("--data-dir", default="../shared/data")
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--out", default="bench/results/generalization")
-    ap.add_argument("--train-samples", type=int, default=1200)
+    ap.add_argument("--train-samples", type=int, default=960)
     ap.add_argument("--sweep-samples", type=int, default=320)
     ap.add_argument("--val-samples", type=int, default=100)
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--sweep-steps", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--eval-limit", type=int, default=150)
@@ -187,6 +187,12 @@ def report(out, args, sweep_result, best, summaries, evals, in_domain, unseen, f
             means[group] = {
                 n: sum(evals[n][t]["accuracy"] for t in acc_tasks) / len(acc_tasks) for n in ["base", *METHODS]
             }
+    pairs = [("s2ft", "base"), ("lora", "base"), ("full", "base"), ("s2ft", "lora"), ("s2ft", "full")]
+    paired = {
+        group: {f"{a}-{b}": paired_delta(out / "eval", a, b, tasks) for a, b in pairs}
+        for group, tasks in groups.items()
+        if group in means
+    }
     result = {
         "settings": vars(args),
         "sweep_val_loss": sweep_result,
@@ -200,6 +206,7 @@ def report(out, args, sweep_result, best, summaries, evals, in_domain, unseen, f
         },
         "rows": rows,
         "group_means": means,
+        "paired_deltas": paired,
     }
     (out / "study.json").write_text(json.dumps(result, indent=2) + "\n")
 
@@ -220,14 +227,73 @@ def report(out, args, sweep_result, best, summaries, evals, in_domain, unseen, f
         lines.append(
             f"| {group} | **mean** | " + " | ".join(f"**{100 * m[n]:.1f}**" for n in ["base", *METHODS]) + " |"
         )
+    lines += ["", "Paired differences of the group mean accuracy, in points, with a 95% bootstrap interval", ""]
+    lines += ["| group | " + " | ".join(f"{a} − {b}" for a, b in pairs) + " |", "|---|" + "---|" * len(pairs)]
+    for group, d in paired.items():
+        cells = [f"{d[k]['delta']:+.1f} [{d[k]['ci95'][0]:+.1f}, {d[k]['ci95'][1]:+.1f}]" for k in d]
+        lines.append(f"| {group} | " + " | ".join(cells) + " |")
+    lines += ["", "Learning-rate sweep: validation loss after the sweep run (chosen rate in bold)", ""]
+    width = max(len(v) for v in sweep_result.values())
+    lines += ["| method | " + " | ".join(["rate → val loss"] * width) + " |", "|---|" + "---|" * width]
+    for m, losses in sweep_result.items():
+        cells = [f"**{lr} → {v:.4f}**" if float(lr) == best[m] else f"{lr} → {v:.4f}" for lr, v in losses.items()]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "| method | trainable parameters | train time (s) | final val loss |", "|---|---|---|---|"]
+    for m, sm in summaries.items():
+        val = sm.get("val_loss_after")
+        val_s = f"{val:.4f}" if val is not None else "–"
+        lines.append(f"| {m} | {sm.get('trainable_parameters', 0):,} | {sm.get('train_seconds', 0):.0f} | {val_s} |")
     table = "\n".join(lines)
     (out / "study.md").write_text(table + "\n")
     print("\n" + table)
-    plot(means, out / "study.png")
+    plot(means, pooled_ci(evals, groups), out / "study.png")
     print(f"\nwrote {out / 'study.json'}, {out / 'study.md'}, {out / 'study.png'}")
 
 
-def plot(means: dict, path: Path) -> None:
+def paired_delta(eval_dir: Path, a: str, b: str, tasks: list[str], rounds: int = 2000) -> dict:
+    """Mean over `tasks` of accuracy(a) − accuracy(b), in points, with a paired bootstrap 95% CI.
+
+    Every model answered the same questions (the same seeded subset), so each bootstrap round
+    resamples question indices per task and applies them to both models' per-example results.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    deltas = np.zeros(rounds)
+    point = 0.0
+    used = 0
+    for t in tasks:
+        fa, fb = eval_dir / a / f"{t}.jsonl", eval_dir / b / f"{t}.jsonl"
+        rows_a = [json.loads(x) for x in fa.read_text().splitlines()]
+        if not rows_a or "correct" not in rows_a[0]:
+            continue  # perplexity has no per-question correctness
+        ca = np.array([r["correct"] for r in rows_a], float)
+        cb = np.array([json.loads(x)["correct"] for x in fb.read_text().splitlines()], float)
+        diff = ca - cb  # (n,) per question
+        idx = rng.integers(0, len(diff), size=(rounds, len(diff)))
+        deltas += diff[idx].mean(1)
+        point += diff.mean()
+        used += 1
+    deltas, point = 100 * deltas / max(used, 1), 100 * point / max(used, 1)
+    lo, hi = np.percentile(deltas, [2.5, 97.5])
+    return {"delta": float(point), "ci95": [float(lo), float(hi)], "tasks": used}
+
+
+def pooled_ci(evals: dict, groups: dict) -> dict:
+    """Wilson 95% interval of each group's pooled accuracy (equal n per task: pooled = mean)."""
+    from s2ft.evaluation import wilson
+
+    ci = {}
+    for group, tasks in groups.items():
+        acc = [t for t in tasks if evals["base"][t]["metric"] == "accuracy"]
+        if acc:
+            ci[group] = {
+                n: wilson(sum(evals[n][t]["correct"] for t in acc), sum(evals[n][t]["n"] for t in acc)) for n in evals
+            }
+    return ci
+
+
+def plot(means: dict, ci: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -237,9 +303,14 @@ def plot(means: dict, path: Path) -> None:
     names = ["base", *METHODS]
     groups = list(means)
     for k, n in enumerate(names):
-        ax.bar([g + (k - 1.5) * 0.2 for g in range(len(groups))], [100 * means[g][n] for g in groups], 0.2, label=n)
+        ys = [100 * means[g][n] for g in groups]
+        lo = [y - 100 * ci[g][n][0] for g, y in zip(groups, ys, strict=True)]
+        hi = [100 * ci[g][n][1] - y for g, y in zip(groups, ys, strict=True)]
+        err = [lo, hi]
+        xs = [g + (k - 1.5) * 0.2 for g in range(len(groups))]
+        ax.bar(xs, ys, 0.2, yerr=err, capsize=2, label=n)
     ax.set_xticks(range(len(groups)), groups)
-    ax.set_ylabel("mean accuracy (%)")
+    ax.set_ylabel("mean accuracy (%), 95% CI")
     ax.set_title("SmolLM2-135M: learning (in-domain) and forgetting (unseen, far OOD)")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -508,6 +508,15 @@ def _loss_series(path: Path) -> dict[str, list[tuple[float, float]]]:
 # The recipe
 
 
+def _final_val_loss(trainer: Any) -> float:
+    """The validation loss after training; reuses the evaluation Trainer just ran at the last step."""
+    step = trainer.state.global_step
+    for entry in reversed(trainer.state.log_history):
+        if "eval_loss" in entry and entry.get("step") == step:
+            return entry["eval_loss"]
+    return trainer.evaluate()["eval_loss"]
+
+
 def run_train(args: TrainArgs) -> dict[str, Any]:
     """Run `s2ft train` with `args`; return the summary (also written to OUT/summary.json)."""
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
@@ -597,7 +606,7 @@ def run_train(args: TrainArgs) -> dict[str, Any]:
     t_train = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.time() - t_train
-    val_after = trainer.evaluate()["eval_loss"] if val_rows else None
+    val_after = _final_val_loss(trainer) if val_rows else None
 
     # 5. results (rank 0)
     summary: dict[str, Any] = {}
