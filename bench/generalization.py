@@ -69,8 +69,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--sweep-steps", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--eval-limit", type=int, default=150)
-    ap.add_argument("--mmlu-limit", type=int, default=300)
+    ap.add_argument("--eval-limit", type=int, default=150, help="questions per task, MMLU included")
     ap.add_argument("--ppl-tokens", type=int, default=20000)
     ap.add_argument("--ffn-ratio", type=float, default=0.03)
     ap.add_argument("--seed", type=int, default=0)
@@ -83,7 +82,7 @@ def main() -> None:
     if args.smoke:
         args.model, args.data_dir = smoke_setup(out)
         args.train_samples, args.sweep_samples, args.val_samples, args.steps, args.sweep_steps = 16, 8, 4, 3, 2
-        args.batch_size, args.eval_limit, args.mmlu_limit, args.ppl_tokens, args.ffn_ratio = 2, 4, 4, 200, 0.25
+        args.batch_size, args.eval_limit, args.ppl_tokens, args.ffn_ratio = 2, 4, 200, 0.25
         in_domain, unseen = ["ARC-Easy"], ["openbookqa"]
         SWEEP.update({m: SWEEP[m][:2] for m in SWEEP})
     data_dir = Path(args.data_dir)
