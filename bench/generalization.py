@@ -15,12 +15,13 @@ Every step is a `s2ft train` or `s2ft eval` subprocess writing into `--out`. A f
 skipped on rerun, so the study resumes where it stopped. The summary (JSON, markdown table,
 plot) is rebuilt at the end.
 
-    python bench/generalization.py --data-dir ../shared/data          # the study (about 2 h on 2 cores)
+    python bench/generalization.py --data-dir ../shared/data          # the study (about 2 h 45 min on 2 cores)
     python bench/generalization.py --smoke                             # tiny model and data (CI)
 
-Budget on 2 CPU cores, measured in stages: the sweep (3 methods × 3 learning rates × 40 steps)
-takes about 20 min, the final training (3 × 150 steps × 8 sequences) about 45 min, and the
-evaluation (4 models × 8 tasks × 150 questions, plus MMLU and perplexity) about 50 min.
+Measured on 2 CPU cores (docs/RESULTS.md): the sweep (3 methods × 3 learning rates × 40 steps)
+took 60 min, the final training (3 × 120 steps × 8 sequences) 54 min and the evaluation (4 models ×
+8 tasks × 150 questions, plus MMLU and perplexity) 50 min. `--sweep-steps 25 --eval-limit 100`
+brings it to about two hours.
 """
 
 from __future__ import annotations
