@@ -63,7 +63,8 @@ def test_each_method_trains_and_writes_its_result(setup, tmp_path, method):
         assert (out / name).is_file()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [2, 4, 6, 8, 10]
-    assert any("eval_loss" in r for r in rows)
+    final_evals = [r["eval_loss"] for r in rows if "eval_loss" in r and r["step"] == 10]
+    assert final_evals == [summary["val_loss_after"]]  # the last-step evaluation is reused, not run again
 
     base = T.AutoModelForCausalLM.from_pretrained(setup["model"])
     ids = torch.tensor([[5, 6, 7, 8]])
