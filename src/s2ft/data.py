@@ -182,10 +182,14 @@ def options(record: dict[str, Any]) -> list[str]:
     return [text.strip() for _, text in found]
 
 
+def gold_option(record: dict[str, Any]) -> int:
+    """The 0-based index of the correct option ("answer3" → 2)."""
+    return int(record["answer"].removeprefix("answer")) - 1
+
+
 def with_option_text(record: dict[str, Any]) -> dict[str, Any]:
     """The record with the gold option's text as its response instead of "…is answerK"."""
-    gold = int(record["answer"].removeprefix("answer")) - 1
-    return {**record, "output": options(record)[gold]}
+    return {**record, "output": options(record)[gold_option(record)]}
 
 
 def builtin_dataset(name: str = "arc_easy") -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

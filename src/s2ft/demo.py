@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from s2ft.data import builtin_dataset, left_pad, options, tokenize, tokenize_chat
+from s2ft.data import builtin_dataset, gold_option, left_pad, options, tokenize, tokenize_chat
 
 _FORMAT = re.compile(r"Answer format:\s*(\S+)\s*$")
 
@@ -137,14 +137,13 @@ def evaluate_options(
             cols = torch.arange(r0 - 1, len(ids) - 1) - (len(ids) - keep)  # (width - len) cancels: left padding
             tok_lp = logp[row, cols].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
             scores[(i, j)] = float(tok_lp[:-1].mean()) if len(tok_lp) > 1 else float(tok_lp.sum())
-            if j == int(records[i]["answer"].removeprefix("answer")) - 1:
+            if j == gold_option(records[i]):
                 gold_nll -= float(tok_lp.sum())
                 gold_tokens += len(tok_lp)
     correct = 0
     for i, rec in enumerate(records):
-        n = len(options(rec))
-        pred = max(range(n), key=lambda j: scores[(i, j)])
-        correct += pred == int(rec["answer"].removeprefix("answer")) - 1
+        pred = max(range(len(options(rec))), key=lambda j: scores[(i, j)])
+        correct += pred == gold_option(rec)
     model.train(was_training)
     return {"accuracy": correct / len(records), "loss": gold_nll / max(gold_tokens, 1), "n": len(records)}
 
