@@ -180,18 +180,18 @@ def report(out, args, sweep_result, best, summaries, evals, in_domain, unseen, f
                     row[f"{name}_ci95"] = r["ci95"]
                     row["n"] = r["n"]
             rows.append(row)
-    means = {}
+    acc_groups = {}  # group -> its accuracy tasks (perplexity has no per-question correctness)
     for group, tasks in groups.items():
-        acc_tasks = [t for t in tasks if evals["base"][t]["metric"] == "accuracy"]
-        if acc_tasks:
-            means[group] = {
-                n: sum(evals[n][t]["accuracy"] for t in acc_tasks) / len(acc_tasks) for n in ["base", *METHODS]
-            }
+        if acc := [t for t in tasks if evals["base"][t]["metric"] == "accuracy"]:
+            acc_groups[group] = acc
+    means = {
+        group: {n: sum(evals[n][t]["accuracy"] for t in acc) / len(acc) for n in ["base", *METHODS]}
+        for group, acc in acc_groups.items()
+    }
     pairs = [("s2ft", "base"), ("lora", "base"), ("full", "base"), ("s2ft", "lora"), ("s2ft", "full")]
     paired = {
-        group: {f"{a}-{b}": paired_delta(out / "eval", a, b, tasks) for a, b in pairs}
-        for group, tasks in groups.items()
-        if group in means
+        group: {f"{a}-{b}": paired_delta(out / "eval", a, b, acc) for a, b in pairs}
+        for group, acc in acc_groups.items()
     }
     result = {
         "settings": vars(args),
@@ -246,12 +246,12 @@ def report(out, args, sweep_result, best, summaries, evals, in_domain, unseen, f
     table = "\n".join(lines)
     (out / "study.md").write_text(table + "\n")
     print("\n" + table)
-    plot(means, pooled_ci(evals, groups), out / "study.png")
+    plot(means, pooled_ci(evals, acc_groups), out / "study.png")
     print(f"\nwrote {out / 'study.json'}, {out / 'study.md'}, {out / 'study.png'}")
 
 
 def paired_delta(eval_dir: Path, a: str, b: str, tasks: list[str], rounds: int = 2000) -> dict:
-    """Mean over `tasks` of accuracy(a) − accuracy(b), in points, with a paired bootstrap 95% CI.
+    """Mean over the accuracy `tasks` of accuracy(a) − accuracy(b), in points, with a paired bootstrap 95% CI.
 
     Every model answered the same questions (the same seeded subset), so each bootstrap round
     resamples question indices per task and applies them to both models' per-example results.
@@ -261,36 +261,27 @@ def paired_delta(eval_dir: Path, a: str, b: str, tasks: list[str], rounds: int =
     rng = np.random.default_rng(0)
     deltas = np.zeros(rounds)
     point = 0.0
-    used = 0
     for t in tasks:
-        fa, fb = eval_dir / a / f"{t}.jsonl", eval_dir / b / f"{t}.jsonl"
-        rows_a = [json.loads(x) for x in fa.read_text().splitlines()]
-        if not rows_a or "correct" not in rows_a[0]:
-            continue  # perplexity has no per-question correctness
-        ca = np.array([r["correct"] for r in rows_a], float)
-        cb = np.array([json.loads(x)["correct"] for x in fb.read_text().splitlines()], float)
-        diff = ca - cb  # (n,) per question
+        ca, cb = (
+            [json.loads(x)["correct"] for x in (eval_dir / m / f"{t}.jsonl").read_text().splitlines()] for m in (a, b)
+        )
+        diff = np.array(ca, float) - np.array(cb, float)  # (n,) per question
         idx = rng.integers(0, len(diff), size=(rounds, len(diff)))
         deltas += diff[idx].mean(1)
         point += diff.mean()
-        used += 1
-    deltas, point = 100 * deltas / max(used, 1), 100 * point / max(used, 1)
+    deltas, point = 100 * deltas / len(tasks), 100 * point / len(tasks)
     lo, hi = np.percentile(deltas, [2.5, 97.5])
-    return {"delta": float(point), "ci95": [float(lo), float(hi)], "tasks": used}
+    return {"delta": float(point), "ci95": [float(lo), float(hi)], "tasks": len(tasks)}
 
 
-def pooled_ci(evals: dict, groups: dict) -> dict:
+def pooled_ci(evals: dict, acc_groups: dict) -> dict:
     """Wilson 95% interval of each group's pooled accuracy (equal n per task: pooled = mean)."""
     from s2ft.evaluation import wilson
 
-    ci = {}
-    for group, tasks in groups.items():
-        acc = [t for t in tasks if evals["base"][t]["metric"] == "accuracy"]
-        if acc:
-            ci[group] = {
-                n: wilson(sum(evals[n][t]["correct"] for t in acc), sum(evals[n][t]["n"] for t in acc)) for n in evals
-            }
-    return ci
+    return {
+        group: {n: wilson(sum(evals[n][t]["correct"] for t in acc), sum(evals[n][t]["n"] for t in acc)) for n in evals}
+        for group, acc in acc_groups.items()
+    }
 
 
 def plot(means: dict, ci: dict, path: Path) -> None:
