@@ -63,7 +63,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", default="../shared/data")
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--out", default="bench/results/generalization")
+    ap.add_argument(
+        "--out",
+        default="~/.cache/s2ft/generalization",
+        help="working directory for the runs (about 1 GB: the full-FT model, adapters, evaluations)",
+    )
     ap.add_argument("--train-samples", type=int, default=960)
     ap.add_argument("--sweep-samples", type=int, default=320)
     ap.add_argument("--val-samples", type=int, default=100)
@@ -76,7 +80,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="tiny model and data, a few steps (CI)")
     args = ap.parse_args()
-    out = Path(args.out)
+    out = Path(args.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     log = out / "steps.log"
     in_domain, unseen, far = IN_DOMAIN, UNSEEN, FAR
