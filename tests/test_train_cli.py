@@ -240,6 +240,25 @@ def test_existing_run_is_refused_unless_overwrite(setup, tmp_path, capsys):
     assert (out / "notes.txt").read_text() == "mine"
 
 
+def test_only_rank0_judges_the_output_dir(tmp_path):
+    """Under torchrun rank 0 writes train_config.yaml early; a slower rank checking afterwards
+    must not take it for an old run (this raced in a CI run of the torchrun test)."""
+    from s2ft.train import prepare_output_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "train_config.yaml").write_text("max_steps: 4\n")
+    args = TrainArgs(data="x.jsonl", output_dir=str(out))
+    with pytest.raises(ValueError, match="already holds a run"):
+        prepare_output_dir(args, rank0=True)
+    assert prepare_output_dir(args, rank0=False) is None
+    ckpt = out / "checkpoints" / "checkpoint-3"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text("{}")
+    resume = TrainArgs(data="x.jsonl", output_dir=str(out), resume=True)
+    assert prepare_output_dir(resume, rank0=True) == prepare_output_dir(resume, rank0=False) == str(ckpt)
+
+
 def _cli(*argv):
     return [sys.executable, "-m", "s2ft.cli", *argv]
 

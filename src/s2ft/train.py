@@ -255,8 +255,13 @@ def resolve_args(cli: dict[str, Any]) -> TrainArgs:
 # Output directory
 
 
-def prepare_output_dir(args: TrainArgs) -> str | None:
-    """Check OUT for an earlier run; return the checkpoint to resume from (or None)."""
+def prepare_output_dir(args: TrainArgs, rank0: bool = True) -> str | None:
+    """Check OUT for an earlier run; return the checkpoint to resume from (or None).
+
+    Under torchrun only rank 0 judges whether OUT is free: it is also the only writer, and a
+    slower rank checking after rank 0 wrote `train_config.yaml` would see its own run as an old
+    one. Every rank finds the same checkpoint to resume from (none is written before all ranks
+    have joined the first training step)."""
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output-dir {out}: exists and is not a directory")
@@ -266,7 +271,7 @@ def prepare_output_dir(args: TrainArgs) -> str | None:
         if ckpt is None:
             raise ValueError(f"--resume: no complete checkpoint in {out / 'checkpoints'}; rerun with --overwrite")
         return ckpt
-    if existing and not args.overwrite:
+    if existing and not args.overwrite and rank0:
         raise ValueError(
             f"--output-dir {out}: already holds a run ({', '.join(existing)}); use --resume to continue it "
             "or --overwrite to replace it"
@@ -525,8 +530,8 @@ def run_train(args: TrainArgs) -> dict[str, Any]:
 
     t0 = time.time()
     out = Path(args.output_dir)
-    resume_from = prepare_output_dir(args)
     rank0 = int(os.environ.get("RANK", "0")) == 0
+    resume_from = prepare_output_dir(args, rank0)
     say = print if rank0 else (lambda *a, **k: None)
 
     # 1. data first: a bad file fails in seconds, before the model loads, and writes nothing
