@@ -15,13 +15,15 @@ Every step is a `s2ft train` or `s2ft eval` subprocess writing into `--out`. A f
 skipped on rerun, so the study resumes where it stopped. The summary (JSON, markdown table,
 plot) is rebuilt at the end.
 
-    python bench/generalization.py --data-dir ../shared/data          # the study (about 2 h 45 min on 2 cores)
+    python bench/generalization.py --data-dir ../shared/data          # the study (about 2 h on 2 cores)
     python bench/generalization.py --smoke                             # tiny model and data (CI)
 
-Measured on 2 CPU cores (docs/RESULTS.md): the sweep (3 methods × 3 learning rates × 40 steps)
-took 60 min, the final training (3 × 120 steps × 8 sequences) 54 min and the evaluation (4 models ×
-8 tasks × 150 questions, plus MMLU and perplexity) 50 min. `--sweep-steps 25 --eval-limit 100`
-brings it to about two hours.
+The defaults are sized for two hours on 2 CPU cores: a sweep of 3 methods × 3 learning rates ×
+25 steps on 200 samples, a final training of 3 × 120 steps × 8 sequences, and an evaluation of
+4 models × 8 tasks × 100 questions plus 100 MMLU questions and 20k tokens of WikiText-2. Each
+step's wall time goes to `timings.json`; the report sums them per stage (docs/RESULTS.md).
+The settings are stored in `settings.json`: resuming with other settings is refused, because
+finished steps are recognised by name only.
 """
 
 from __future__ import annotations
@@ -41,14 +43,61 @@ METHODS = ["s2ft", "lora", "full"]
 SWEEP = {"s2ft": [5e-4, 1e-3, 2e-3], "lora": [5e-4, 1e-3, 2e-3], "full": [2e-5, 5e-5, 1e-4]}
 
 
-def sh(cmd: list[str], log: Path) -> None:
-    print("$", " ".join(cmd), flush=True)
+# the options that change a result: a run resumed with other values would mix two studies
+RESULT_SETTINGS = (
+    "data_dir", "model", "train_samples", "sweep_samples", "val_samples", "steps", "sweep_steps",
+    "batch_size", "eval_limit", "ppl_tokens", "ffn_ratio", "seed", "smoke",
+)  # fmt: skip
+
+
+def check_settings(out: Path, args: argparse.Namespace) -> None:
+    """Record the study's settings in OUT/settings.json; refuse to resume with different ones."""
+    mine = {k: getattr(args, k) for k in RESULT_SETTINGS}
+    mine["data_dir"] = str(Path(mine["data_dir"]).resolve())
+    path = out / "settings.json"
+    if path.is_file():
+        theirs = json.loads(path.read_text())
+        if diff := [
+            f"--{k.replace('_', '-')} {theirs.get(k)} (now {v})" for k, v in mine.items() if theirs.get(k) != v
+        ]:
+            sys.exit(
+                f"{out} holds a study run with other settings: {', '.join(diff)}. "
+                "Use another --out, or delete that directory to start over."
+            )
+    elif any((out / d).is_dir() for d in ("sweep", "train", "eval")):
+        sys.exit(f"{out} holds runs without a settings.json (an older study?); use another --out or delete it")
+    else:
+        write_json(path, mine)
+
+
+def sh(cmd: list[str], log: Path, step: str) -> None:
+    """Run one study step (a subprocess logging to `log`); record its wall time in timings.json."""
+    print(f"[{step}] $", " ".join(cmd), flush=True)
     t = time.time()
     with log.open("a") as fh:
         proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
-        sys.exit(f"step failed ({proc.returncode}); see {log}")
-    print(f"  done in {time.time() - t:.0f}s", flush=True)
+        sys.exit(f"step {step} failed ({proc.returncode}); see {log}")
+    seconds = time.time() - t
+    timings_file = log.parent / "timings.json"
+    timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
+    write_json(timings_file, {**timings, step: round(seconds, 1)})
+    print(f"  done in {seconds:.0f}s", flush=True)
+
+
+def stage_minutes(timings: dict[str, float]) -> dict[str, float]:
+    """Wall minutes per stage (steps are named sweep/…, train/…, eval/…) and in total."""
+    minutes = {stage: 0.0 for stage in ("sweep", "train", "eval")}
+    for step, seconds in timings.items():
+        minutes[step.split("/")[0]] += seconds / 60
+    minutes["total"] = sum(minutes.values())
+    return {k: round(v, 1) for k, v in minutes.items()}
+
+
+def write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def cli(*args: str) -> list[str]:
@@ -69,12 +118,12 @@ def main() -> None:
         help="working directory for the runs (about 1 GB: the full-FT model, adapters, evaluations)",
     )
     ap.add_argument("--train-samples", type=int, default=960)
-    ap.add_argument("--sweep-samples", type=int, default=320)
+    ap.add_argument("--sweep-samples", type=int, default=200)
     ap.add_argument("--val-samples", type=int, default=100)
     ap.add_argument("--steps", type=int, default=120)
-    ap.add_argument("--sweep-steps", type=int, default=40)
+    ap.add_argument("--sweep-steps", type=int, default=25)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--eval-limit", type=int, default=150, help="questions per task, MMLU included")
+    ap.add_argument("--eval-limit", type=int, default=100, help="questions per task, MMLU included")
     ap.add_argument("--ppl-tokens", type=int, default=20000)
     ap.add_argument("--ffn-ratio", type=float, default=0.03)
     ap.add_argument("--seed", type=int, default=0)
@@ -90,6 +139,7 @@ def main() -> None:
         args.batch_size, args.eval_limit, args.ppl_tokens, args.ffn_ratio = 2, 4, 200, 0.25
         in_domain, unseen = ["ARC-Easy"], ["openbookqa"]
         SWEEP.update({m: SWEEP[m][:2] for m in SWEEP})
+    check_settings(out, args)
     data_dir = Path(args.data_dir)
 
     # 1. data: disjoint seeded subsets for training, the sweep and validation
@@ -120,7 +170,8 @@ def main() -> None:
                 steps = str(args.sweep_steps)
                 flags = ["--data", str(out / "sweep.jsonl"), "--output-dir", str(run), "--max-steps", steps]
                 flags += ["--warmup-steps", str(max(1, args.sweep_steps // 10)), "--save-steps", steps]
-                sh(cli("train", *common, *method_flags(m), *flags, "--learning-rate", str(lr), "--overwrite"), log)
+                cmd = cli("train", *common, *method_flags(m), *flags, "--learning-rate", str(lr), "--overwrite")
+                sh(cmd, log, f"sweep/{m}-lr{lr:g}")
             sweep_result[m][f"{lr:g}"] = json.loads((run / "summary.json").read_text())["val_loss_after"]
     best = {m: float(min(v, key=v.get)) for m, v in sweep_result.items()}
     print("learning rates chosen by validation loss:", best, flush=True)
@@ -133,7 +184,11 @@ def main() -> None:
             flags = ["--data", str(out / "train.jsonl"), "--output-dir", str(run), "--max-steps", str(args.steps)]
             flags += ["--warmup-steps", str(max(1, args.steps // 10)), "--save-steps", str(max(1, args.steps // 3))]
             resume = ["--resume"] if (run / "checkpoints").is_dir() else ["--overwrite"]
-            sh(cli("train", *common, *method_flags(m), *flags, "--learning-rate", str(best[m]), *resume), log)
+            sh(
+                cli("train", *common, *method_flags(m), *flags, "--learning-rate", str(best[m]), *resume),
+                log,
+                f"train/{m}",
+            )
         summaries[m] = json.loads((run / "summary.json").read_text())
 
     # 4. evaluation of the base model and each fine-tuned one
@@ -164,7 +219,7 @@ def main() -> None:
         res_file = out / "eval" / name / "results.json"
         done = res_file.is_file() and len(json.loads(res_file.read_text())["results"]) == len(tasks.split(","))
         if not done:
-            sh(cli("eval", *flags), log)
+            sh(cli("eval", *flags), log, f"eval/{name}")
         evals[name] = json.loads(res_file.read_text())["results"]
 
     report(out, args, sweep_result, best, summaries, evals, in_domain, unseen, far)
@@ -197,8 +252,11 @@ def report(out, args, sweep_result, best, summaries, evals, in_domain, unseen, f
         group: {f"{a}-{b}": paired_delta(out / "eval", a, b, acc) for a, b in pairs}
         for group, acc in acc_groups.items()
     }
+    timings_file = out / "timings.json"
+    minutes = stage_minutes(json.loads(timings_file.read_text())) if timings_file.is_file() else None
     result = {
         "settings": vars(args),
+        "wall_minutes": minutes,
         "sweep_val_loss": sweep_result,
         "chosen_lr": best,
         "training": {
@@ -212,7 +270,7 @@ def report(out, args, sweep_result, best, summaries, evals, in_domain, unseen, f
         "group_means": means,
         "paired_deltas": paired,
     }
-    (out / "study.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out / "study.json", result)
 
     lines = ["| group | task | base | S²FT | LoRA | full |", "|---|---|---|---|---|---|"]
     for r in rows:
@@ -247,6 +305,12 @@ def report(out, args, sweep_result, best, summaries, evals, in_domain, unseen, f
         val = sm.get("val_loss_after")
         val_s = f"{val:.4f}" if val is not None else "–"
         lines.append(f"| {m} | {sm.get('trainable_parameters', 0):,} | {sm.get('train_seconds', 0):.0f} | {val_s} |")
+    if minutes:
+        lines += [
+            "",
+            f"Wall time of the steps: sweep {minutes['sweep']:.0f} min, training {minutes['train']:.0f} min, "
+            f"evaluation {minutes['eval']:.0f} min; {minutes['total']:.0f} min in all.",
+        ]
     table = "\n".join(lines)
     (out / "study.md").write_text(table + "\n")
     print("\n" + table)

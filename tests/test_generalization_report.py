@@ -72,3 +72,31 @@ def test_paired_deltas_and_outputs(study, tmp_path):
     assert "| far OOD | wikitext2 | 20.00 | 21.00 (+1.00) | 22.00 (+2.00) | 30.00 (+10.00) |" in table
     assert f"| in-domain | +75.0 [{lo75:+.1f}, {hi75:+.1f}] | +0.0 [+0.0, +0.0] |" in table
     assert (tmp_path / "study.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_wall_time_is_summed_per_stage_and_reported(study, tmp_path):
+    timings = {"sweep/s2ft-lr0.001": 600.0, "sweep/full-lr5e-05": 900.0, "train/s2ft": 1200.0, "eval/base": 330.0}
+    assert study.stage_minutes(timings) == {"sweep": 25.0, "train": 20.0, "eval": 5.5, "total": 50.5}
+    (tmp_path / "timings.json").write_text(json.dumps(timings))
+    flags = [i % 2 == 0 for i in range(10)]
+    evals = {m: write_eval(tmp_path, m, {"a": flags}, 20.0) for m in ("base", "s2ft", "lora", "full")}
+    summaries = {m: {"trainable_parameters": 1, "train_seconds": 1.0} for m in ("s2ft", "lora", "full")}
+    study.report(
+        tmp_path, Namespace(steps=1), {"s2ft": {"0.001": 0.5}}, {"s2ft": 1e-3}, summaries, evals, ["a"], [], []
+    )
+    assert json.loads((tmp_path / "study.json").read_text())["wall_minutes"]["total"] == 50.5
+    assert "sweep 25 min, training 20 min, evaluation 6 min; 50 min in all" in (tmp_path / "study.md").read_text()
+
+
+def test_resuming_with_other_settings_is_refused(study, tmp_path):
+    args = Namespace(**{k: 1 for k in study.RESULT_SETTINGS})
+    args.data_dir = str(tmp_path)
+    study.check_settings(tmp_path, args)  # first run: recorded
+    study.check_settings(tmp_path, args)  # the same settings: resumes
+    args.eval_limit, args.sweep_steps = 150, 40
+    with pytest.raises(SystemExit, match=r"--sweep-steps 1 \(now 40\), --eval-limit 1 \(now 150\)"):
+        study.check_settings(tmp_path / ".", args)
+    other = tmp_path / "older"
+    (other / "sweep").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="without a settings.json"):
+        study.check_settings(other, args)
