@@ -95,9 +95,9 @@ def stage_minutes(timings: dict[str, float]) -> dict[str, float]:
 
 
 def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
+    from s2ft.adapter_io import atomic_write
+
+    atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def cli(*args: str) -> list[str]:

@@ -127,6 +127,7 @@ def _eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from s2ft import evaluation as ev
+    from s2ft.adapter_io import atomic_write
 
     if args.compare:
         a, b = (json.loads(Path(p).read_text()) for p in args.compare)
@@ -163,7 +164,9 @@ def _eval(args: argparse.Namespace) -> int:
     def save(task: str, result: dict) -> None:
         results[task] = result
         ordered = {t: results[t] for t in tasks if t in results}
-        ev._atomic_text(previous, json.dumps({**meta, "description": what, "results": ordered}, indent=2) + "\n")
+        atomic_write(
+            previous, (json.dumps({**meta, "description": what, "results": ordered}, indent=2) + "\n").encode()
+        )
         print(ev.format_row(task, result), flush=True)
 
     out.mkdir(parents=True, exist_ok=True)

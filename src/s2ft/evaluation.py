@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from s2ft.adapter_io import atomic_write
 from s2ft.data import left_pad
 
 COMMONSENSE_LABELS = {
@@ -394,18 +395,10 @@ def evaluate_tasks(
         result["seconds"] = round(time.time() - t, 1)
         results[task] = result
         if out:
-            _atomic_text(out / f"{task}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+            atomic_write(out / f"{task}.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
         if on_task:
             on_task(task, result)
     return results
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    import os
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def format_row(task: str, r: dict) -> str:

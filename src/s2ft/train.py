@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from s2ft.adapter_io import atomic_write
+
 METHODS = ("s2ft", "lora", "dora", "full")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -211,7 +213,7 @@ def write_yaml(args: TrainArgs, path: Path) -> None:
     import yaml
 
     data = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("resume", "overwrite")}
-    _atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
+    atomic_write(path, yaml.safe_dump(data, sort_keys=False).encode())
 
 
 def add_arguments(parser: Any) -> None:
@@ -302,12 +304,6 @@ def _clear_run(out: Path) -> None:
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _atomic_save_dir(final: Path, save: Any) -> None:
@@ -468,7 +464,7 @@ def _callbacks(out: Path, resume_step: int, method: str) -> list:
             self.t0 = time.time()
             if self.path.is_file():
                 keep = [ln for ln in self.path.read_text().splitlines() if _step_of(ln) <= resume_step]
-                _atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
+                atomic_write(self.path, "".join(ln + "\n" for ln in keep).encode())
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero and logs:
@@ -634,7 +630,7 @@ def run_train(args: TrainArgs) -> dict[str, Any]:
             "output": str(saved),
             "total_seconds": round(time.time() - t0, 1),
         }
-        _atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
         lines = [
             f"  {args.method} result   {saved}",
             f"  steps         {trainer.state.global_step} ({summary['seconds_per_step']} s/step"
