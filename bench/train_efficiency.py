@@ -9,7 +9,12 @@ ratios to the floor, to LoRA and to full FT. Writes JSON and a PNG.
 
 - floor: the frozen model, loss back-propagated to the input embeddings only (no weight
   gradient anywhere): nothing that trains every layer can be faster.
-- s2ft: `S2FTConfig(ffn_ratio=0.03)` (the paper's default: same channels in up/gate/down).
+- s2ft: `S2FTConfig(ffn_ratio=0.03)` (the paper's default: same channels in up/gate/down),
+  trained blocks kept inside the weights (the default path).
+- s2ft-thin: the same with `set_inplace(False)`: weights never written, blocks added as thin
+  products (the path mixed batches and ZeRO-3 use).
+- s2ft-main: the `s2ft` configuration run from another checkout (`--baseline-src DIR/src`),
+  e.g. the previous release, for before/after figures in one invocation.
 - lora / dora: PEFT on q,k,v,up,down with the rank that gives at least as many trainable
   parameters as S²FT, lora_dropout=0 (the cheapest LoRA).
 - full: every parameter, AdamW.
@@ -17,8 +22,11 @@ ratios to the floor, to LoRA and to full FT. Writes JSON and a PNG.
     python bench/train_efficiency.py                       # SmolLM2-135M 4x256 and LLaMA-0.5B 1x512
     python bench/train_efficiency.py --sizes smollm2 --rounds 2 --steps 3
     python bench/train_efficiency.py --smoke               # tiny model, 2 steps (CI)
+    python bench/train_efficiency.py --device cuda --sizes gpu   # bf16, the GPU sizes below
 
-The same script runs on CUDA in bf16 (`--device cuda --dtype bfloat16`).
+GPU sizes (random init, bf16, 4 decoder layers of the real shapes): `llama7b` (hidden 4096,
+FFN 11008, 32 heads) and `llama3-8b` (8 KV heads, FFN 14336, vocab 128256), each at batch × seq
+1×512, 4×1024 and 8×2048: `--sizes gpu` runs all six.
 """
 
 from __future__ import annotations
@@ -35,13 +43,23 @@ from pathlib import Path
 
 import torch
 
-METHODS = ("floor", "s2ft", "lora", "dora", "full")
+METHODS = ("floor", "s2ft", "s2ft-thin", "lora", "dora", "full")
 SIZES = {
     # name: (batch, seq_len)
     "smollm2": (4, 256),
     "llama-0.5b": (1, 512),
     "tiny": (2, 32),
 }
+GPU_SHAPES = {  # LLaMA-7B and LLaMA-3-8B cut to 4 decoder layers
+    "llama7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                    num_key_value_heads=32),
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                      num_key_value_heads=8),
+}  # fmt: skip
+for _shape in GPU_SHAPES:
+    for _b, _s in ((1, 512), (4, 1024), (8, 2048)):
+        SIZES[f"{_shape}-{_b}x{_s}"] = (_b, _s)
+GPU_SIZES = [s for s in SIZES if s.split("-")[0] in ("llama7b", "llama3")]
 
 
 def save_results(prefix: str | Path, result: dict, plot) -> None:
@@ -61,6 +79,12 @@ def bench_model(size: str, dtype: torch.dtype, device: str):
         from s2ft.loading import resolve_model
 
         return T.AutoModelForCausalLM.from_pretrained(resolve_model("smollm2"), dtype=dtype).to(device)
+    shape = next((s for s in GPU_SHAPES if size.startswith(s + "-")), None)
+    if shape is not None:
+        cfg = T.LlamaConfig(**GPU_SHAPES[shape], num_hidden_layers=4, max_position_embeddings=4096)
+        torch.manual_seed(0)
+        with torch.device(device):
+            return T.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     if size == "tiny":
         cfg = T.LlamaConfig(
             vocab_size=128,
@@ -114,8 +138,10 @@ def _setup(method: str, model):
         model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True))
         return model, [], info
     s2ft_cfg = S2FTConfig(ffn_ratio=0.03)
-    if method == "s2ft":
+    if method.startswith("s2ft"):
         wrapped = get_s2ft_model(model, s2ft_cfg)
+        if method == "s2ft-thin":
+            wrapped.set_inplace(False)
         return wrapped, [p for p in wrapped.parameters() if p.requires_grad], info
     import peft
 
@@ -248,7 +274,11 @@ def run_all(args) -> dict:
                     "--dtype",
                     args.dtype,
                 ]
-                proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+                env = dict(os.environ)
+                if method == "s2ft-main":  # the s2ft configuration, imported from another checkout
+                    cmd[cmd.index("--method") + 1] = "s2ft"
+                    env["PYTHONPATH"] = os.pathsep.join([args.baseline_src, env.get("PYTHONPATH", "")])
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if proc.returncode != 0:
                     raise RuntimeError(f"{method}/{size} failed:\n{proc.stderr[-3000:]}")
                 result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -296,7 +326,7 @@ def _summarize(runs: dict[str, list[dict]], size: str) -> dict:
 
 def _table(summary: dict) -> str:
     cols = [
-        ("method", 6),
+        ("method", 10),
         ("wall s", 7),
         ("spread", 7),
         ("cpu s", 7),
@@ -374,8 +404,13 @@ def _plot(result: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="smollm2,llama-0.5b", help="comma-separated: smollm2, llama-0.5b, tiny")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument(
+        "--sizes",
+        default="smollm2,llama-0.5b",
+        help=f"comma-separated: smollm2, llama-0.5b, tiny, or 'gpu' for {', '.join(GPU_SIZES)}",
+    )
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated from {METHODS} and s2ft-main")
+    ap.add_argument("--baseline-src", help="adds method s2ft-main: the s2ft configuration imported from this src/")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (each config once per round)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per process (after warm-up)")
     ap.add_argument("--warmup", type=int, default=1)
@@ -393,8 +428,15 @@ def main() -> None:
         return
     if args.smoke:
         args.sizes, args.rounds, args.steps, args.warmup = "tiny", 1, 2, 1
-    args.sizes = args.sizes.split(",")
+    args.sizes = [s for spec in args.sizes.split(",") for s in (GPU_SIZES if spec == "gpu" else [spec])]
     args.methods = args.methods.split(",")
+    if args.baseline_src:
+        args.methods.insert(args.methods.index("s2ft") + 1 if "s2ft" in args.methods else 0, "s2ft-main")
+    unknown = sorted(
+        {s for s in args.sizes if s not in SIZES} | {m for m in args.methods if m not in (*METHODS, "s2ft-main")}
+    )
+    if unknown:
+        ap.error(f"unknown size(s)/method(s) {unknown}; sizes: {sorted(SIZES)}; methods: {METHODS}")
     save_results(args.out, run_all(args), _plot)
 
 

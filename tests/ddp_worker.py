@@ -23,12 +23,15 @@ STEPS = 3
 def main(out: str) -> None:
     distributed = "RANK" in os.environ
     model = get_s2ft_model(tiny_model("llama"), S2FTConfig(ffn_ratio=0.25, attn_ratio=0.5, seed=0))
+    # an inactive second adapter: its deltas must not require grad, or DDP waits for their
+    # gradients ("Expected to have finished reduction") at the second step
+    model.add_adapter("other", S2FTConfig(ffn_ratio=0.25, attn_ratio=0.5, seed=1))
     ids = batch(n=4, t=12, seed=9)
     if distributed:
         dist.init_process_group("gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
         ids = ids.chunk(world)[rank]
-        train_model = torch.nn.parallel.DistributedDataParallel(model)
+        train_model = torch.nn.parallel.DistributedDataParallel(model)  # broadcast_buffers left at True
     else:
         rank, train_model = 0, model
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

@@ -212,3 +212,15 @@ def test_state_dict_is_the_adapter_and_round_trips():
     assert torch.equal(logits(a, ids), logits(b, ids))
     with pytest.raises(RuntimeError, match="missing adapter keys"):
         b.load_state_dict({})
+
+
+@pytest.mark.parametrize("damage", ["empty", "wrong_shape"])
+def test_save_refuses_empty_or_wrong_shaped_tensors(tmp_path, damage):
+    """DeepSpeed ZeRO-3 leaves each partitioned parameter as a 0-element tensor outside its
+    forward; a save from it must fail, not write an adapter that cannot load."""
+    model = get_s2ft_model(tiny_model("llama"), S2FTConfig(ffn_ratio=0.25, seed=0))
+    d = model.base_model.model.layers[1].mlp.down_proj.s2ft["default"]
+    d.col_delta.data = torch.empty(0, dtype=d.col_delta.dtype) if damage == "empty" else d.col_delta.data[:, :-1]
+    with pytest.raises(AdapterError, match=r"layers\.1\.mlp\.down_proj\.col_delta has shape .*expected"):
+        model.save_pretrained(tmp_path / "a")
+    assert not (tmp_path / "a" / CONFIG_NAME).exists() and not (tmp_path / "a" / WEIGHTS_NAME).exists()

@@ -136,9 +136,55 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def expected_shapes(info: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The tensors (part -> shape) of one module's entry in `meta["modules"]`."""
+    out_f, in_f = info["shape"]
+    k_r, k_c = info.get("rows", 0), info.get("cols", 0)
+    expect: dict[str, tuple[int, ...]] = {}
+    if k_r:
+        expect.update(row_idx=(k_r,), row_delta=(k_r, in_f))
+        if info.get("bias"):
+            expect["row_bias"] = (k_r,)
+    if k_c:
+        expect.update(col_idx=(k_c,), col_delta=(out_f, k_c))
+    return expect
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any], where: str) -> None:
+    """Every tensor an adapter's JSON promises is there with its shape, and nothing else.
+
+    Catches a save from sharded or partitioned parameters that were not gathered (e.g. the
+    0-element tensors of DeepSpeed ZeRO-3 outside `deepspeed.zero.GatheredParameters`)."""
+    modules = meta["modules"]
+    for key in tensors:
+        mod, _, part = key.rpartition(".")
+        if part not in _PARTS or mod not in modules:
+            raise AdapterError(f"{where}: unexpected tensor {key!r}")
+    for mod, info in modules.items():
+        for part, shape in expected_shapes(info).items():
+            key = f"{mod}.{part}"
+            if key not in tensors:
+                raise AdapterError(f"{where}: missing tensor {key}")
+            got = tuple(tensors[key].shape)
+            if got != shape:
+                hint = (
+                    " (an empty tensor: a sharded or partitioned parameter that was not gathered, e.g. DeepSpeed "
+                    "ZeRO-3; see docs/TRAINING.md)"
+                    if tensors[key].numel() == 0
+                    else ""
+                )
+                raise AdapterError(f"{where}: {key} has shape {got}, expected {shape}{hint}")
+        extra = {k for k in tensors if k.rpartition(".")[0] == mod} - {f"{mod}.{p}" for p in expected_shapes(info)}
+        if extra:
+            raise AdapterError(f"{where}: unexpected tensor(s) {sorted(extra)} for {mod}")
+
+
 def write_adapter(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
-    """Write an adapter directory (weights first, then the JSON that vouches for them)."""
+    """Write an adapter directory (weights first, then the JSON that vouches for them), after
+    checking every tensor against the module shapes the JSON records (never an empty or
+    wrong-shaped adapter)."""
     path = Path(path)
+    check_tensors(tensors, meta, f"cannot write adapter {path}")
     path.mkdir(parents=True, exist_ok=True)
     blob = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata={"format": FORMAT})
     meta = {**meta, "weights_file": WEIGHTS_NAME, "weights_sha256": hashlib.sha256(blob).hexdigest()}
@@ -188,31 +234,9 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dic
     except Exception as e:  # SafetensorError, or other types for some malformed headers
         raise AdapterError(f"{weights_file}: not a valid safetensors file ({e})") from None
 
+    check_tensors(flat, meta, str(weights_file))
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in flat.items():
         mod, _, part = key.rpartition(".")
-        if part not in _PARTS or mod not in meta["modules"]:
-            raise AdapterError(f"{weights_file}: unexpected tensor {key!r}")
         modules.setdefault(mod, {})[part] = tensor
-    for mod, info in meta["modules"].items():
-        parts = modules.get(mod, {})
-        out_f, in_f = info["shape"]
-        k_r, k_c = info.get("rows", 0), info.get("cols", 0)
-        expect = {}
-        if k_r:
-            expect.update(row_idx=(k_r,), row_delta=(k_r, in_f))
-            if info.get("bias"):
-                expect["row_bias"] = (k_r,)
-        if k_c:
-            expect.update(col_idx=(k_c,), col_delta=(out_f, k_c))
-        for part, shape in expect.items():
-            if part not in parts:
-                raise AdapterError(f"{weights_file}: missing tensor {mod}.{part}")
-            if tuple(parts[part].shape) != shape:
-                raise AdapterError(
-                    f"{weights_file}: {mod}.{part} has shape {tuple(parts[part].shape)}, expected {shape}"
-                )
-        extra = set(parts) - set(expect)
-        if extra:
-            raise AdapterError(f"{weights_file}: unexpected tensor(s) {sorted(extra)} for {mod}")
     return meta, modules

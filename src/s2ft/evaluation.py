@@ -361,8 +361,9 @@ def load_for_eval(model_spec: str, adapter: str | None, dtype: Any = None, devic
         if (a / "s2ft_config.json").is_file():
             from s2ft.model import S2FTModel
 
-            model = S2FTModel.from_pretrained(model, a).eval()
-            what += f" + S²FT adapter {a}"
+            # merged: exact, and decoding runs at the base model's speed with no s2ft code in the loop
+            model = S2FTModel.from_pretrained(model, a).merge_and_unload().eval()
+            what += f" + S²FT adapter {a} (merged)"
         elif (a / "adapter_config.json").is_file():
             from peft import PeftModel
 

@@ -14,8 +14,15 @@ backed-up rows/columns), merge the new ones (an indexed add) — with no matmul,
 `generate(..., adapter_names=[...])` run one adapter per batch row in one forward.
 
 `S2FTModel.state_dict()` holds the adapter only (deltas and indices); the frozen base is not
-part of it. That keeps `Trainer` checkpoints adapter-sized and resumable. Use
-`model.base_model.state_dict()` for the base weights.
+part of it. That keeps `Trainer` checkpoints adapter-sized and resumable.
+
+While an unmerged adapter is active, its trained rows/columns live inside the base weights
+(`W[R] = base[R] + D_r`, see `S2FTLayer`): forward and backward are the base model's own,
+plus one thin weight-gradient product per trained block. The weights are rewritten from an
+exact backup of the base values when a delta changes: at the next forward (eager), after every
+`optimizer.step()` (a global optimizer hook, which also covers `torch.compile`, whose graphs
+cannot look at tensor versions), and by `sync_weights()`. `unload()` returns the exact base
+weights; `model.base_model.state_dict()` holds base + delta in the trained rows meanwhile.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import contextlib
 import dataclasses
 import os
 import warnings
+import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -42,7 +50,7 @@ from s2ft.adapter_io import (
     write_adapter,
 )
 from s2ft.config import S2FTConfig
-from s2ft.layers import BatchAdapters, S2FTLayer
+from s2ft.layers import BatchAdapters, S2FTLayer, _full, _full_shape
 from s2ft.selection import module_indices, select
 from s2ft.structures import resolve, structure_map_for, weight_view
 
@@ -88,10 +96,14 @@ class S2FTModel(nn.Module):
         self.active_adapter: str = BASE
         self.merge_mode = False  # True after merge(): set_adapter switches merged weights in place
         self.provenance: dict[str, dict[str, Any]] = {}  # e.g. what a fused adapter was made of
+        self._trainable: dict[str, bool] = {}  # set_adapter makes only the active one require grad
+        self._layers: list[S2FTLayer] | None = None
+        self._disabled = 0  # inside disable_adapter(): leave the weights alone
         for p in model.parameters():
             p.requires_grad_(False)
         self.add_adapter(adapter_name, config, indices=indices, calibration=calibration)
         self.set_adapter(adapter_name)
+        _track(self)
 
     # ------------------------------------------------------------------ adapters
 
@@ -111,8 +123,13 @@ class S2FTModel(nn.Module):
         structure = resolve(self.base_model, smap)
         if indices is None:
             with self.disable_adapter():  # calibrate on the base model, not on other adapters
+                for layer in self.s2ft_layers():
+                    layer.restore()  # weight-based scores read the exact base weights
                 selection = select(self.base_model, structure, config, calibration)
             indices = module_indices(structure, selection, config)
+        for path in indices:
+            self._layer_at(path)
+        _check_shared_weights(self)
         for path, idx in indices.items():
             layer = self._layer_at(path)
             layer.add_adapter(
@@ -120,6 +137,10 @@ class S2FTModel(nn.Module):
             )
         self.s2ft_config[adapter_name] = config
         self.structure_maps[adapter_name] = smap
+        self._trainable[adapter_name] = True
+        if adapter_name != self.active_adapter:  # a new adapter trains only once it is active
+            self._set_requires_grad()
+        self.sync_weights()
 
     @property
     def adapters(self) -> list[str]:
@@ -127,8 +148,10 @@ class S2FTModel(nn.Module):
         return list(self.s2ft_config)
 
     def set_adapter(self, adapter_name: str) -> None:
-        """Make `adapter_name` (or `"__base__"`) the active adapter. In merged mode the weights
-        are switched in place: unmerge the old blocks, merge the new — exact, no matmul."""
+        """Make `adapter_name` (or `"__base__"`) the active adapter; only its deltas require
+        grad (if it is trainable), as in PEFT, so DDP sees no unused parameters. The weights are
+        switched now, exactly: in merged mode unmerge the old blocks and merge the new; otherwise
+        restore the old adapter's rows/columns from the base backup and write the new ones."""
         if adapter_name != BASE and adapter_name not in self.s2ft_config:
             raise ValueError(f"unknown adapter {adapter_name!r}; have {[BASE, *self.s2ft_config]}")
         if self.merge_mode:
@@ -137,10 +160,37 @@ class S2FTModel(nn.Module):
         for layer in self.s2ft_layers():
             layer.active_adapter = None if adapter_name == BASE else adapter_name
         self.active_adapter = adapter_name
+        self._set_requires_grad()
         if self.merge_mode and adapter_name != BASE:
             for layer in self.s2ft_layers():
                 if adapter_name in layer.s2ft:
                     layer.merge(adapter_name)
+        self.sync_weights()
+
+    def _set_requires_grad(self) -> None:
+        for layer in self.s2ft_layers():
+            for name, d in layer.s2ft.items():
+                trainable = name == self.active_adapter and self._trainable.get(name, False)
+                for p in d.parameters():
+                    p.requires_grad_(trainable)
+
+    def sync_weights(self) -> None:
+        """Write the active adapter's current blocks into the base weights where they changed
+        (see `S2FTLayer.sync`). Runs by itself at every forward in eager mode and after every
+        optimizer step; call it after changing deltas by hand under torch.compile or FSDP. Under
+        FSDP2 it is a collective: call it on every rank."""
+        if self._disabled:
+            return
+        _track(self)  # also a deep copy (made without __init__) gets the optimizer hook
+        for layer in self.s2ft_layers():
+            layer.sync()
+
+    def set_inplace(self, inplace: bool = True) -> None:
+        """Keep the active adapter inside the base weights (default, fastest) or never write
+        the weights and add the blocks as thin products (`S2FTLayer`'s paths)."""
+        for layer in self.s2ft_layers():
+            layer.inplace = bool(inplace)
+        self.sync_weights()
 
     def load_adapter(
         self,
@@ -152,6 +202,7 @@ class S2FTModel(nn.Module):
         """Load a saved adapter beside the others (it does not become active)."""
         config, indices, modules = _read_checked(adapter_path, self.base_model, self.base_fingerprint, check_base)
         self.add_adapter(adapter_name, config, indices=indices)
+        self._trainable[adapter_name] = bool(is_trainable)
         self._load_deltas(adapter_name, modules, is_trainable)
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -173,6 +224,7 @@ class S2FTModel(nn.Module):
         was_active = adapter_name == self.active_adapter
         self._remove(adapter_name)
         self.add_adapter(adapter_name, config, indices=indices)
+        self._trainable[adapter_name] = False
         self._load_deltas(adapter_name, modules, trainable=False)
         if was_active:
             self.set_adapter(adapter_name)
@@ -186,6 +238,7 @@ class S2FTModel(nn.Module):
             layer.delete_adapter(adapter_name)
         del self.s2ft_config[adapter_name]
         del self.structure_maps[adapter_name]
+        self._trainable.pop(adapter_name, None)
         self.provenance.pop(adapter_name, None)
         if self.merge_mode and self.active_adapter != BASE:  # re-merge what an unmerge above undid
             self.set_adapter(self.active_adapter)
@@ -231,26 +284,39 @@ class S2FTModel(nn.Module):
         config = dataclasses.replace(self.s2ft_config[adapter_names[0]], train_bias=bias)
         indices = {p: {"rows": t.get("row_idx"), "cols": t.get("col_idx")} for p, t in fused.items()}
         self.add_adapter(new_name, config, indices=indices)
+        self._trainable[new_name] = False
         self._load_deltas(new_name, fused, trainable=False)
         self.provenance[new_name] = {"fused_from": list(adapter_names), "weights": weights}
         return report
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Run the base model without any unmerged adapter inside the `with` block."""
-        saved = {layer: layer.active_adapter for layer in self.s2ft_layers()}
+        """Run the exact base model inside the `with` block. Unmerged adapters are switched off
+        without touching the weights (safe in the middle of a training step, e.g. for a DPO
+        reference pass); merged ones are unmerged on entry and merged again on exit."""
+        layers = list(self.s2ft_layers())
+        saved = {layer: layer.active_adapter for layer in layers}
+        merged = {layer: list(layer.merged_adapters) for layer in layers if layer.merged_adapters}
+        self._disabled += 1
         try:
+            for layer in merged:
+                layer.unmerge()
             for layer in saved:
                 layer.active_adapter = None
             yield
         finally:
+            self._disabled -= 1
             for layer, name in saved.items():
                 layer.active_adapter = name
+            for layer, names in merged.items():
+                layer.restore()
+                for name in names:
+                    layer.merge(name)
 
     def s2ft_layers(self) -> Iterator[S2FTLayer]:
-        for module in self.base_model.modules():
-            if isinstance(module, S2FTLayer):
-                yield module
+        if self._layers is None:
+            self._layers = [m for m in self.base_model.modules() if isinstance(m, S2FTLayer)]
+        yield from self._layers
 
     def named_s2ft_layers(self) -> Iterator[tuple[str, S2FTLayer]]:
         for name, module in self.base_model.named_modules():
@@ -263,8 +329,9 @@ class S2FTModel(nn.Module):
             return module
         parent_path, _, attr = path.rpartition(".")
         parent = self.base_model.get_submodule(parent_path) if parent_path else self.base_model
-        layer = S2FTLayer(module)
+        layer = S2FTLayer(module, path)
         setattr(parent, attr, layer)
+        self._layers = None
         return layer
 
     @staticmethod
@@ -288,12 +355,16 @@ class S2FTModel(nn.Module):
         batch row `b` (`"__base__"` for the base model) in one mixed-adapter pass."""
         if labels is not None:
             kwargs["labels"] = labels
+        if adapter_names is None and not torch.compiler.is_compiling():
+            self.sync_weights()
         with self._batch_adapters(adapter_names):
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """`generate` of the base model; `adapter_names` as in `forward` (beams and several
         return sequences per row keep their row's adapter)."""
+        if adapter_names is None:
+            self.sync_weights()
         with self._batch_adapters(adapter_names):
             return self.base_model.generate(*args, **kwargs)
 
@@ -310,6 +381,7 @@ class S2FTModel(nn.Module):
         batch = BatchAdapters(list(adapter_names))
         layers = list(self.s2ft_layers())
         for layer in layers:
+            layer.restore()  # mixed batches add every adapter on top of the exact base weights
             layer.batch_adapters = batch
         try:
             yield
@@ -368,12 +440,28 @@ class S2FTModel(nn.Module):
                 f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
             )
         super().load_state_dict({k: v for k, v in state_dict.items() if k in expected}, strict=False, assign=assign)
+        self.sync_weights()
         return _IncompatibleKeys(missing, unexpected)
 
     # ------------------------------------------------------------------ saving / loading
 
-    def save_pretrained(self, save_directory: str | os.PathLike, adapter_name: str | None = None, **_: Any) -> None:
-        """Write the adapter as `s2ft_adapter.safetensors` + `s2ft_config.json` (atomically)."""
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        adapter_name: str | None = None,
+        is_main_process: bool | None = None,
+        **_: Any,
+    ) -> None:
+        """Write the adapter as `s2ft_adapter.safetensors` + `s2ft_config.json` (atomically).
+
+        Under FSDP2 the deltas are sharded: every rank must call this (it gathers them), and
+        only the main process (`is_main_process`, default: rank 0) writes. Every tensor is
+        checked against the module shapes recorded beside it, so a sharded or partitioned
+        delta that was not gathered (e.g. DeepSpeed ZeRO-3 outside `GatheredParameters`) is
+        an error, never an empty adapter."""
+        if is_main_process is None:
+            dist = torch.distributed
+            is_main_process = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
         name = adapter_name or self.active_adapter
         if name not in self.s2ft_config:
             raise ValueError(f"no adapter {name!r} to save; have {sorted(self.s2ft_config)}")
@@ -385,12 +473,12 @@ class S2FTModel(nn.Module):
                 continue
             d = layer.s2ft[name]
             for part in ("row_idx", "row_delta", "row_bias", "col_idx", "col_delta"):
-                t = getattr(d, part)
+                t = _full(getattr(d, part))
                 if t is not None:
                     tensors[f"{path}.{part}"] = t
                     trainable += t.numel() if part.endswith(("delta", "bias")) else 0
             modules[path] = {
-                "shape": list(layer.weight.shape),
+                "shape": list(_full_shape(layer.base_layer)),
                 "rows": 0 if d.row_idx is None else len(d.row_idx),
                 "cols": 0 if d.col_idx is None else len(d.col_idx),
                 "bias": d.row_bias is not None,
@@ -407,7 +495,8 @@ class S2FTModel(nn.Module):
         }
         if name in self.provenance:
             meta["provenance"] = self.provenance[name]
-        write_adapter(save_directory, tensors, meta)
+        if is_main_process:
+            write_adapter(save_directory, tensors, meta)
 
     @classmethod
     def from_pretrained(
@@ -425,6 +514,7 @@ class S2FTModel(nn.Module):
         """
         config, indices, modules = _read_checked(adapter_path, model, fingerprint(model), check_base)
         out = cls(model, config, adapter_name, indices=indices)
+        out._trainable[adapter_name] = bool(is_trainable)
         out._load_deltas(adapter_name, modules, is_trainable)
         return out
 
@@ -438,7 +528,8 @@ class S2FTModel(nn.Module):
                     raise AdapterError(f"{path}.{part}: adapter and model disagree on whether it exists")
                 if param is not None:
                     param.copy_(parts[part])
-                    param.requires_grad_(trainable)
+        self._set_requires_grad()
+        self.sync_weights()
 
     # ------------------------------------------------------------------ merge / unmerge
 
@@ -465,16 +556,68 @@ class S2FTModel(nn.Module):
         return self._unwrap()
 
     def unload(self) -> nn.Module:
-        """Undo merges and return the plain, unmodified base model."""
+        """Undo merges and return the plain, unmodified base model (exact base weights)."""
         self.unmerge()
         return self._unwrap()
 
     def _unwrap(self) -> nn.Module:
         for path, layer in list(self.named_s2ft_layers()):
+            layer.restore()  # an unmerged adapter's blocks leave the weights
             parent_path, _, attr = path.rpartition(".")
             parent = self.base_model.get_submodule(parent_path) if parent_path else self.base_model
             setattr(parent, attr, layer.base_layer)
+        self._layers = None
+        _untrack(self)
         return self.base_model
+
+
+def _check_shared_weights(model: S2FTModel) -> None:
+    """Refuse two S²FT layers over one weight storage: writing or merging one adapter's blocks
+    would change the other layer's weights too (and unmerge could not be exact)."""
+    seen: dict[int, str] = {}
+    for path, layer in model.named_s2ft_layers():
+        w = layer.base_layer.weight
+        if type(w).__name__ == "DTensor" or w.device.type == "meta" or not w.numel():
+            continue
+        ptr = w.untyped_storage().data_ptr()
+        if ptr in seen:
+            raise ValueError(
+                f"{seen[ptr]} and {path} share one weight tensor (tied or reused modules); s2ft writes trained "
+                "rows/columns into the weights in place, so it cannot train either. Untie them (clone the weight) "
+                "or leave one out with a custom structure_map."
+            )
+        seen[ptr] = path
+
+
+# Every S2FTModel alive in this process, so that one global optimizer hook can write the new
+# deltas into the weights after each optimizer.step() (torch.compile graphs cannot check
+# tensor versions at forward time). No tensors are held here.
+_LIVE: weakref.WeakSet[S2FTModel] = weakref.WeakSet()
+_HOOK: Any = None
+
+
+def _after_optimizer_step(optimizer: Any, args: Any, kwargs: Any) -> None:
+    stepped = {id(p) for group in getattr(optimizer, "param_groups", ()) for p in group["params"]}
+    models = [m for m in list(_LIVE) if any(id(p) in stepped for p in m.parameters() if p.requires_grad)]
+    if not models:  # an optimizer over copies of the deltas (DeepSpeed's fp32 partitions): sync all
+        models = list(_LIVE)
+    for model in models:
+        if not model._disabled:
+            for layer in model.s2ft_layers():
+                layer.after_step()
+
+
+def _track(model: S2FTModel) -> None:
+    global _HOOK
+    _LIVE.add(model)
+    if _HOOK is None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _HOOK = register_optimizer_step_post_hook(_after_optimizer_step)
+
+
+def _untrack(model: S2FTModel) -> None:
+    _LIVE.discard(model)
 
 
 def _read_checked(
@@ -494,7 +637,11 @@ def _read_checked(
             module = model.get_submodule(path)
         except AttributeError:
             raise AdapterError(f"{adapter_path}: base model has no module {path!r}") from None
-        shape = list(weight_view(getattr(module, "base_layer", module)).shape)
+        try:
+            shape = list(_full_shape(getattr(module, "base_layer", module)))
+            weight_view(getattr(module, "base_layer", module), path)
+        except (TypeError, AttributeError) as e:
+            raise AdapterError(f"{adapter_path}: cannot apply to module {path!r}: {e}") from None
         if shape != info["shape"]:
             raise AdapterError(f"{adapter_path}: module {path!r} has shape {shape}, adapter expects {info['shape']}")
     indices = {p: {"rows": t.get("row_idx"), "cols": t.get("col_idx")} for p, t in modules.items()}

@@ -133,17 +133,32 @@ class ModelStructure:
     blocks: list[BlockStructure] = field(default_factory=list)
 
 
-def weight_view(module: nn.Module) -> torch.Tensor:
+def weight_view(module: nn.Module, where: str = "") -> torch.Tensor:
     """The module's weight as an `(out, in)` matrix: `y = x @ W.T (+ b)`.
 
     nn.Linear stores `(out, in)`; transformers' `Conv1D` (GPT-2) stores `(in, out)` and is
-    returned transposed (a view: writing into it writes the module's weight).
+    returned transposed (a view: writing into it writes the module's weight). Anything else —
+    and any weight that is not a floating-point `(out_features, in_features)` matrix, such as a
+    bitsandbytes 4-bit (packed uint8) or 8-bit (int8) base — is refused, naming `where`.
     """
+    name = f"{where} " if where else ""
     if isinstance(module, nn.Linear):
-        return module.weight
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-        return module.weight.t()
-    raise TypeError(f"s2ft can only train nn.Linear or transformers Conv1D modules, got {type(module).__name__}")
+        stored_expected = (module.out_features, module.in_features)
+    elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        stored_expected = (getattr(module, "nx", module.weight.shape[0]), module.nf)  # stored (in, out)
+    else:
+        raise TypeError(
+            f"{name}({type(module).__name__}): s2ft can only train nn.Linear or transformers Conv1D modules"
+        )
+    weight = module.weight
+    stored = tuple(getattr(weight, "ds_shape", None) or weight.shape)  # DeepSpeed ZeRO-3 keeps the real shape aside
+    if not weight.dtype.is_floating_point or stored != tuple(stored_expected):
+        raise TypeError(
+            f"{name}({type(module).__name__}): its weight is {weight.dtype} of shape {tuple(weight.shape)}, not a "
+            f"floating-point matrix of shape {tuple(stored_expected)}. Quantized bases (bitsandbytes "
+            "4-bit/8-bit and the like) are not supported: load the model unquantized."
+        )
+    return weight if isinstance(module, nn.Linear) else weight.t()
 
 
 def validate_structure_map(smap: Any, field_name: str = "structure_map") -> None:
