@@ -192,8 +192,7 @@ class S2FTLayer(nn.Module):
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def _check_frozen(self) -> None:
-        w = self.base_layer.weight
-        b = getattr(self.base_layer, "bias", None)
+        w, b = _raw(self.base_layer, "weight"), _raw(self.base_layer, "bias")
         if w.requires_grad or (b is not None and b.requires_grad):
             part = "weight" if w.requires_grad else "bias"
             raise RuntimeError(
@@ -205,7 +204,7 @@ class S2FTLayer(nn.Module):
     def _writable(self) -> bool:
         """Can the active adapter live inside W? Not for DeepSpeed ZeRO-3 partitions (their data
         exists only inside the module's forward) or when in-place is switched off."""
-        return self.inplace and not hasattr(self.base_layer.weight, "ds_id")
+        return self.inplace and not hasattr(_raw(self.base_layer, "weight"), "ds_id")
 
     def _base_while_written(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Base outputs while W holds adapter blocks, without touching W (a live graph may need
@@ -401,6 +400,12 @@ class S2FTLayer(nn.Module):
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _raw(module: nn.Module, name: str) -> torch.Tensor | None:
+    """`module.<name>` read from `_parameters` directly: DeepSpeed ZeRO-3's parameter dict gathers
+    a partitioned parameter on item access, which would keep every base weight gathered."""
+    return dict.get(module._parameters, name)
 
 
 def _trains(d: S2FTDelta) -> bool:

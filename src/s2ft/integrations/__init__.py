@@ -1,0 +1,1 @@
+"""Optional integrations with other training libraries (each imports its library lazily)."""
