@@ -30,7 +30,8 @@ def test_train_efficiency_smoke(tmp_path):
     run_bench("train_efficiency.py", "--smoke", "--out", str(tmp_path / "te"))
     result = json.loads((tmp_path / "te.json").read_text())
     methods = result["sizes"]["tiny"]["methods"]
-    assert set(methods) == {"floor", "s2ft", "lora", "dora", "full"}
+    assert set(methods) == {"floor", "s2ft", "s2ft-thin", "lora", "dora", "full"}
+    assert methods["s2ft-thin"]["trainable"] == methods["s2ft"]["trainable"]
     assert methods["floor"]["trainable"] == 0 and methods["floor"]["optimizer_bytes"] == 0
     assert 0 < methods["s2ft"]["trainable"] <= methods["lora"]["trainable"] < methods["full"]["trainable"]
     full = methods["full"]  # AdamW: two fp32 moments per parameter, plus a 4-byte step per tensor

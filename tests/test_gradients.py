@@ -53,9 +53,11 @@ def assert_exact_slices(s2ft_model, ref, tol=1e-10):
     assert checked > 0
 
 
-def test_gradients_equal_full_finetuning_slices(family):
+@pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "thin"])
+def test_gradients_equal_full_finetuning_slices(family, inplace):
     plain = tiny_model(family)
     model = get_s2ft_model(copy.deepcopy(plain), BOTH)
+    model.set_inplace(inplace)
     check_exact_gradients(model, plain)
     kinds = {p.split(".")[-1] for p, _ in model.named_s2ft_layers()}
     assert len(kinds) >= 3  # attention and FFN modules both trained
