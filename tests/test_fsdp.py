@@ -46,3 +46,20 @@ def test_fully_shard_matches_one_process(single, tmp_path, mode):
     assert torch.equal(logits["after_unmerge"], logits["unmerged"])
     ref = load_file(single / "logits.safetensors")["unmerged"]
     assert (logits["unmerged"] - ref).abs().max() <= 1e-6  # rank 0 probes the same rows as the single run
+
+
+def test_a_first_shard_of_a_row_only_layer_is_not_taken_for_the_whole_weight():
+    """Rank 0's shard of a row-selected weight starts at offset 0 and keeps every column: it
+    must still count as a shard (base outputs cannot be recomputed from its backup alone)."""
+    from conftest import tiny_model
+
+    from s2ft import S2FTConfig, get_s2ft_model
+    from s2ft.layers import _local, _plan
+
+    model = get_s2ft_model(tiny_model("llama"), S2FTConfig(ffn_ratio=0.25, seed=0))
+    layer = model.base_model.model.layers[0].mlp.up_proj  # rows only
+    d = layer.s2ft["default"]
+    w, row_off, col_off, b, b_off = _local(layer.base_layer)
+    assert _plan("default", d, layer.base_layer, w, row_off, col_off, b, b_off).full
+    first_half = w[: w.shape[0] // 2]  # what rank 0 of 2 holds under fully_shard (Shard(0))
+    assert not _plan("default", d, layer.base_layer, first_half, 0, 0, b, b_off).full

@@ -42,6 +42,18 @@ def _base_weights(plain) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in plain.named_parameters()}
 
 
+def _logit_gap(a, b, ids) -> float:
+    """Largest logit difference between models `a` and `b` on `ids` (no grad)."""
+    with torch.no_grad():
+        return (a(input_ids=ids).logits - b(input_ids=ids).logits).abs().max().item()
+
+
+def _assert_base_weights(model, plain) -> None:
+    """Every wrapped weight equals the plain model's, bit for bit."""
+    for path, layer in model.named_s2ft_layers():
+        assert torch.equal(layer.weight, weight_view(plain.get_submodule(path))), path
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_inplace_training_equals_the_path_that_never_writes_weights(checkpointing):
     """Optimizer steps between micro-batches, accumulation and checkpointing with non-zero
@@ -61,8 +73,7 @@ def test_inplace_training_equals_the_path_that_never_writes_weights(checkpointin
     ids = batch()
     ref = merged_reference(model_a, plain)
     model_a.eval()
-    with torch.no_grad():
-        assert (model_a(input_ids=ids).logits - ref(input_ids=ids).logits).abs().max() <= 1e-12
+    assert _logit_gap(model_a, ref, ids) <= 1e-12
     # and the gradient after training is still the full fine-tuning gradient's slice
     model_a.zero_grad()
     model_a(input_ids=ids, labels=ids).loss.backward()
@@ -135,8 +146,7 @@ def test_a_forward_sees_deltas_changed_by_hand():
     model(input_ids=ids)
     randomize_deltas(model, seed=7)  # in-place edits, no optimizer: the next forward rewrites W
     ref = merged_reference(model, plain)
-    with torch.no_grad():
-        assert (model(input_ids=ids).logits - ref(input_ids=ids).logits).abs().max() <= 1e-12
+    assert _logit_gap(model, ref, ids) <= 1e-12
 
 
 def test_optimizer_step_between_forward_and_backward_is_refused():
@@ -177,13 +187,11 @@ def test_disable_adapter_and_set_adapter_during_training_give_exact_base_outputs
             assert (p.grad - q.grad).abs().max() <= 1e-12, n
     # set_adapter("__base__") restores the exact base weights (bit for bit), and back again
     model.set_adapter("__base__")
-    for path, layer in model.named_s2ft_layers():
-        assert torch.equal(layer.weight, weight_view(plain.get_submodule(path))), path
+    _assert_base_weights(model, plain)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, base)
     model.set_adapter("default")
-    with torch.no_grad():
-        assert (model(input_ids=ids).logits - twin(input_ids=ids).logits).abs().max() <= 1e-12
+    assert _logit_gap(model, twin, ids) <= 1e-12
 
 
 def test_saving_mid_training_and_unload_give_exact_weights(tmp_path):
@@ -238,9 +246,7 @@ def test_merge_after_training_is_exact_and_unmerge_restores_base():
     ids = batch()
     ref = merged_reference(model, plain)
     model.merge()
-    with torch.no_grad():
-        assert (model(input_ids=ids).logits - ref(input_ids=ids).logits).abs().max() <= 1e-12
+    assert _logit_gap(model, ref, ids) <= 1e-12
     model.unmerge()
     model.set_adapter("__base__")
-    for path, layer in model.named_s2ft_layers():
-        assert torch.equal(layer.weight, weight_view(plain.get_submodule(path))), path
+    _assert_base_weights(model, plain)

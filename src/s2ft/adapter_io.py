@@ -156,12 +156,15 @@ def check_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any], where:
     Catches a save from sharded or partitioned parameters that were not gathered (e.g. the
     0-element tensors of DeepSpeed ZeRO-3 outside `deepspeed.zero.GatheredParameters`)."""
     modules = meta["modules"]
+    present: dict[str, set[str]] = {}  # module -> parts given
     for key in tensors:
         mod, _, part = key.rpartition(".")
         if part not in _PARTS or mod not in modules:
             raise AdapterError(f"{where}: unexpected tensor {key!r}")
+        present.setdefault(mod, set()).add(part)
     for mod, info in modules.items():
-        for part, shape in expected_shapes(info).items():
+        expect = expected_shapes(info)
+        for part, shape in expect.items():
             key = f"{mod}.{part}"
             if key not in tensors:
                 raise AdapterError(f"{where}: missing tensor {key}")
@@ -174,7 +177,7 @@ def check_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any], where:
                     else ""
                 )
                 raise AdapterError(f"{where}: {key} has shape {got}, expected {shape}{hint}")
-        extra = {k for k in tensors if k.rpartition(".")[0] == mod} - {f"{mod}.{p}" for p in expected_shapes(info)}
+        extra = present.get(mod, set()) - set(expect)
         if extra:
             raise AdapterError(f"{where}: unexpected tensor(s) {sorted(extra)} for {mod}")
 

@@ -263,7 +263,7 @@ class S2FTLayer(nn.Module):
         w, row_off, col_off, b, b_off = _local(self.base_layer)
         wr = self._written
         if wr is not None and wr.geometry != (row_off, col_off, *w.shape):
-            self._written = _reshard(wr, self.s2ft[wr.name], w, row_off, col_off, b, b_off)
+            self._written = _reshard(wr, self.s2ft[wr.name], self.base_layer, w, row_off, col_off, b, b_off)
         return w, row_off, col_off, b, b_off
 
     @torch.no_grad()
@@ -295,7 +295,7 @@ class S2FTLayer(nn.Module):
         if _is_dtensor(self.base_layer.weight):
             self._sharded = True
         if self._written is None:
-            self._written = _plan(name, d, w, row_off, col_off, b, b_off)
+            self._written = _plan(name, d, self.base_layer, w, row_off, col_off, b, b_off)
         wr = self._written
         dr, db, dc = _local_deltas(d, wr, w, row_off, col_off)
         acc = torch.promote_types(w.dtype, next(p.dtype for p in d.parameters()))
@@ -365,7 +365,7 @@ class S2FTLayer(nn.Module):
         self.restore()
         d = self.s2ft[name]
         w, row_off, col_off, b, b_off = _local(self.base_layer)
-        plan = _plan(name, d, w, row_off, col_off, b, b_off)
+        plan = _plan(name, d, self.base_layer, w, row_off, col_off, b, b_off)
         dr, db, dc = _local_deltas(d, plan, w, row_off, col_off)
         backup: dict[str, torch.Tensor] = {}
         if dr is not None:
@@ -462,7 +462,9 @@ def _local(module: nn.Module) -> tuple[torch.Tensor, int, int, torch.Tensor | No
     else:  # Conv1D stores (in, out)
         w, row_off, col_off = weight.t(), off[1], off[0]
     bias = getattr(module, "bias", None)
-    b, b_off = (None, 0) if bias is None else (_shard(bias)[0], _shard(bias)[1][0])
+    b, b_off = (None, 0)
+    if bias is not None:
+        b, (b_off,) = _shard(bias)
     return w, row_off, col_off, b, b_off
 
 
@@ -480,17 +482,16 @@ def _in_range(idx: torch.Tensor | None, start: int, size: int) -> tuple[torch.Te
     return mask.nonzero().view(-1), idx[mask] - start
 
 
-def _plan(name, d, w, row_off, col_off, b, b_off) -> _Written:
-    """Local indices of adapter `d`'s blocks and the base values they overwrite."""
+def _plan(name, d, module, w, row_off, col_off, b, b_off) -> _Written:
+    """Local indices of adapter `d`'s blocks and the base values they overwrite in `module`'s
+    (local shard of its) weight `w` and bias `b` (see `_local`)."""
     out_l, in_l = w.shape
     sel_r, r_loc = _in_range(d.row_idx, row_off, out_l)
     sel_c, c_loc = _in_range(d.col_idx, col_off, in_l)
     bias_sel, bias_loc = (None, None)
     if d.row_bias is not None:
         bias_sel, bias_loc = _in_range(d.row_idx, b_off, b.shape[0])
-    out_f = d.col_delta.shape[0] if d.col_delta is not None else None
-    in_f = d.row_delta.shape[1] if d.row_delta is not None else None
-    full = (out_f is None or out_f == out_l) and (in_f is None or in_f == in_l) and row_off == 0 and col_off == 0
+    full = (out_l, in_l) == tuple(_full_shape(module))
     return _Written(
         name=name,
         key=None,
@@ -509,13 +510,15 @@ def _plan(name, d, w, row_off, col_off, b, b_off) -> _Written:
     )
 
 
-def _reshard(wr: _Written, d: S2FTDelta, w, row_off, col_off, b, b_off) -> _Written:
+def _reshard(wr: _Written, d: S2FTDelta, module, w, row_off, col_off, b, b_off) -> _Written:
     """The plan of a weight that was whole when written and is an FSDP2 shard now (`fully_shard`
     after `get_s2ft_model`): the local backups are cut from the whole ones."""
     if not wr.full:
         raise RuntimeError("the base weight was resharded after s2ft wrote into it; reload the model")
     out_l, in_l = w.shape
-    new = _plan(wr.name, d, w, row_off, col_off, b, b_off)  # indices; its backups are the shard's current values
+    new = _plan(
+        wr.name, d, module, w, row_off, col_off, b, b_off
+    )  # indices; its backups are the shard's current values
     if wr.rows is not None:
         new.rows = wr.rows.index_select(0, new.sel_r)[:, col_off : col_off + in_l].clone()
     if wr.cols is not None:

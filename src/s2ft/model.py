@@ -50,7 +50,7 @@ from s2ft.adapter_io import (
     write_adapter,
 )
 from s2ft.config import S2FTConfig
-from s2ft.layers import BatchAdapters, S2FTLayer, _full, _full_shape
+from s2ft.layers import BatchAdapters, S2FTLayer, _full, _full_shape, _is_dtensor
 from s2ft.selection import module_indices, select
 from s2ft.structures import resolve, structure_map_for, weight_view
 
@@ -577,7 +577,7 @@ def _check_shared_weights(model: S2FTModel) -> None:
     seen: dict[int, str] = {}
     for path, layer in model.named_s2ft_layers():
         w = layer.base_layer.weight
-        if type(w).__name__ == "DTensor" or w.device.type == "meta" or not w.numel():
+        if _is_dtensor(w) or w.device.type == "meta" or not w.numel():
             continue
         ptr = w.untyped_storage().data_ptr()
         if ptr in seen:
