@@ -44,7 +44,7 @@ def main(out: str, mode: str) -> None:
             for m in model.modules():
                 if isinstance(m, S2FTLayer):
                     fully_shard(m.base_layer)  # the frozen weight in its own group
-        for block in model.base_model.model.layers:
+        for block in model.get_base_model().model.layers:
             fully_shard(block)
         fully_shard(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

@@ -64,9 +64,9 @@ def test_selection_is_seeded_and_ratio_exact():
     assert all(torch.equal(a[k], b[k]) for k in idx)
     assert any(not torch.equal(a[k], c[k]) for k in idx)
     for layer in range(2):
-        down = a[f"base_model.model.layers.{layer}.mlp.down_proj.s2ft.default.col_idx"]
+        down = a[f"model.model.layers.{layer}.mlp.down_proj.s2ft.default.col_idx"]
         assert len(down) == 12  # 0.25 * 48 channels
-        o = a[f"base_model.model.layers.{layer}.self_attn.o_proj.s2ft.default.col_idx"]
+        o = a[f"model.model.layers.{layer}.self_attn.o_proj.s2ft.default.col_idx"]
         assert len(o) == 2 * 8  # 0.5 * 4 heads, head_dim 8
 
 

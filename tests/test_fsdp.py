@@ -57,7 +57,7 @@ def test_a_first_shard_of_a_row_only_layer_is_not_taken_for_the_whole_weight():
     from s2ft.layers import _local, _plan
 
     model = get_s2ft_model(tiny_model("llama"), S2FTConfig(ffn_ratio=0.25, seed=0))
-    layer = model.base_model.model.layers[0].mlp.up_proj  # rows only
+    layer = model.get_base_model().model.layers[0].mlp.up_proj  # rows only
     d = layer.s2ft["default"]
     w, row_off, col_off, b, b_off = _local(layer.base_layer)
     assert _plan("default", d, layer.base_layer, w, row_off, col_off, b, b_off).full

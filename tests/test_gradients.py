@@ -61,8 +61,8 @@ def test_gradients_equal_full_finetuning_slices(family, inplace):
     check_exact_gradients(model, plain)
     kinds = {p.split(".")[-1] for p, _ in model.named_s2ft_layers()}
     assert len(kinds) >= 3  # attention and FFN modules both trained
-    frozen = [n for n, p in model.base_model.named_parameters() if ".s2ft." not in n]
-    assert frozen and all(model.base_model.get_parameter(n).grad is None for n in frozen)
+    frozen = [n for n, p in model.get_base_model().named_parameters() if ".s2ft." not in n]
+    assert frozen and all(model.get_base_model().get_parameter(n).grad is None for n in frozen)
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
@@ -86,10 +86,10 @@ def test_grouped_query_attention(shape, n_heads, n_kv, head_dim):
     group = n_heads // n_kv
     for layer_i in range(2):
         attn = f"model.layers.{layer_i}.self_attn"
-        q = model.base_model.get_submodule(f"{attn}.q_proj").s2ft["default"]
-        k = model.base_model.get_submodule(f"{attn}.k_proj").s2ft["default"]
-        v = model.base_model.get_submodule(f"{attn}.v_proj").s2ft["default"]
-        o = model.base_model.get_submodule(f"{attn}.o_proj").s2ft["default"]
+        q = model.get_base_model().get_submodule(f"{attn}.q_proj").s2ft["default"]
+        k = model.get_base_model().get_submodule(f"{attn}.k_proj").s2ft["default"]
+        v = model.get_base_model().get_submodule(f"{attn}.v_proj").s2ft["default"]
+        o = model.get_base_model().get_submodule(f"{attn}.o_proj").s2ft["default"]
         heads = sorted({int(r) // head_dim for r in q.row_idx})
         assert len(heads) == round(0.34 * n_heads)
         # q rows and o columns: whole heads, per query head

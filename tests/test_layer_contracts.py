@@ -108,7 +108,7 @@ def test_layers_sharing_one_weight_are_refused():
 @pytest.mark.parametrize("part", ["weight", "bias"])
 def test_an_unfrozen_base_parameter_is_an_error_not_a_missing_gradient(part):
     model = get_s2ft_model(tiny_model("qwen2"), BOTH)
-    q = model.base_model.model.layers[0].self_attn.q_proj
+    q = model.get_base_model().model.layers[0].self_attn.q_proj
     getattr(q.base_layer, part).requires_grad_(True)
     ids = batch()
     with pytest.raises(RuntimeError, match=rf"layers\.0\.self_attn\.q_proj: the base {part} requires grad"):

@@ -48,16 +48,17 @@ def test_save_load_identical_logits(trained):
 
 def test_merge_unmerge_round_trip(trained):
     _, _, model, _ = trained
-    before = {k: v.clone() for k, v in model.base_model.state_dict().items() if ".s2ft." not in k}
+    before = {k: v.clone() for k, v in model.get_base_model().state_dict().items() if ".s2ft." not in k}
     ids = batch()
     unmerged = logits(model, ids)
     model.merge()
     merged = logits(model, ids)
     assert (merged - unmerged).abs().max() <= 1e-10
-    changed = [k for k, v in model.base_model.state_dict().items() if k in before and not torch.equal(v, before[k])]
+    state = model.get_base_model().state_dict()
+    changed = [k for k, v in state.items() if k in before and not torch.equal(v, before[k])]
     assert changed  # merging really wrote into the base weights
     model.unmerge()
-    after = model.base_model.state_dict()
+    after = model.get_base_model().state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())  # bit-for-bit
     assert torch.equal(logits(model, ids), unmerged)
 
@@ -194,7 +195,7 @@ def test_indices_saved_in_original_order(tmp_path):
     from safetensors.torch import load_file
 
     tensors = load_file(tmp_path / "a" / WEIGHTS_NAME)
-    layer = model.base_model.get_submodule("model.layers.1.mlp.down_proj").s2ft["default"]
+    layer = model.get_base_model().get_submodule("model.layers.1.mlp.down_proj").s2ft["default"]
     assert torch.equal(tensors["model.layers.1.mlp.down_proj.col_idx"], layer.col_idx)
     up = tensors["model.layers.1.mlp.up_proj.row_idx"]
     assert torch.equal(up, tensors["model.layers.1.mlp.down_proj.col_idx"])  # same channels
@@ -219,7 +220,7 @@ def test_save_refuses_empty_or_wrong_shaped_tensors(tmp_path, damage):
     """DeepSpeed ZeRO-3 leaves each partitioned parameter as a 0-element tensor outside its
     forward; a save from it must fail, not write an adapter that cannot load."""
     model = get_s2ft_model(tiny_model("llama"), S2FTConfig(ffn_ratio=0.25, seed=0))
-    d = model.base_model.model.layers[1].mlp.down_proj.s2ft["default"]
+    d = model.get_base_model().model.layers[1].mlp.down_proj.s2ft["default"]
     d.col_delta.data = torch.empty(0, dtype=d.col_delta.dtype) if damage == "empty" else d.col_delta.data[:, :-1]
     with pytest.raises(AdapterError, match=r"layers\.1\.mlp\.down_proj\.col_delta has shape .*expected"):
         model.save_pretrained(tmp_path / "a")

@@ -87,7 +87,7 @@ def test_mixed_batch_errors():
 
 
 def _weights(model):
-    return {k: v.clone() for k, v in model.base_model.state_dict().items() if ".s2ft." not in k}
+    return {k: v.clone() for k, v in model.get_base_model().state_dict().items() if ".s2ft." not in k}
 
 
 def test_merged_switching_is_exact(family):

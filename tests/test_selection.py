@@ -28,7 +28,7 @@ def calib(n_batches=2):
 
 
 def selected(model, path, axis="col_idx"):
-    return getattr(model.base_model.get_submodule(path).s2ft["default"], axis)
+    return getattr(model.get_base_model().get_submodule(path).s2ft["default"], axis)
 
 
 def channels(model, layer=0):
@@ -103,7 +103,7 @@ def test_scores_match_independent_computation(order):
             copy.deepcopy(plain), S2FTConfig(ffn_ratio=0.25, strategy=strategy, order=order), calibration=batches
         )
         assert torch.equal(channels(model, 1), top(scores, k, order)), strategy
-        assert all(p.grad is None for n, p in model.base_model.named_parameters() if ".s2ft." not in n)
+        assert all(p.grad is None for n, p in model.get_base_model().named_parameters() if ".s2ft." not in n)
 
 
 def test_head_scores_under_gqa():

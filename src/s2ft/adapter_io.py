@@ -199,14 +199,32 @@ def write_adapter(path: str | os.PathLike, tensors: dict[str, torch.Tensor], met
 # ---------------------------------------------------------------------- reading
 
 
-def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
-    """Read and validate an adapter directory: `(meta, {module_path: {part: tensor}})`."""
+def adapter_dir(path: str | os.PathLike) -> Path:
+    """The adapter directory at `path`: the directory itself, or its `adapter/` subdirectory
+    (the layout of `s2ft train` runs and their checkpoints). A transformers `Trainer` output
+    that holds only Trainer's own `model.safetensors` gets an error that says how to save
+    the s2ft format."""
     path = Path(path)
-    cfg_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
     if not path.is_dir():
         raise AdapterError(f"{path}: no such adapter directory")
-    if not cfg_file.is_file():
-        raise AdapterError(f"{path}: not an s2ft adapter (no {CONFIG_NAME})")
+    if (path / CONFIG_NAME).is_file():
+        return path
+    if (path / "adapter" / CONFIG_NAME).is_file():
+        return path / "adapter"
+    if (path / "model.safetensors").is_file():
+        raise AdapterError(
+            f"{path}: a transformers Trainer checkpoint without the s2ft adapter format (only Trainer's "
+            "model.safetensors): add s2ft.integrations.transformers.S2FTCallback() to the Trainer's callbacks, "
+            "or call model.save_pretrained(DIR)"
+        )
+    raise AdapterError(f"{path}: not an s2ft adapter (no {CONFIG_NAME})")
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+    """Read and validate an adapter directory (or a run/checkpoint holding one, `adapter_dir`):
+    `(meta, {module_path: {part: tensor}})`."""
+    path = adapter_dir(path)
+    cfg_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
     try:
         meta = json.loads(cfg_file.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:

@@ -22,7 +22,7 @@ plus one thin weight-gradient product per trained block. The weights are rewritt
 exact backup of the base values when a delta changes: at the next forward (eager), after every
 `optimizer.step()` (a global optimizer hook, which also covers `torch.compile`, whose graphs
 cannot look at tensor versions), and by `sync_weights()`. `unload()` returns the exact base
-weights; `model.base_model.state_dict()` holds base + delta in the trained rows meanwhile.
+weights; `model.model.state_dict()` (or `get_base_model()`) holds base + delta in the trained rows meanwhile.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from s2ft import __version__
+from s2ft import __version__, peft_names
 from s2ft.adapter_io import (
     FORMAT,
     FORMAT_VERSION,
@@ -89,7 +89,7 @@ class S2FTModel(nn.Module):
             raise TypeError("model is already an S2FTModel; use add_adapter() for a second adapter")
         if not isinstance(config, S2FTConfig):
             raise TypeError(f"config must be an S2FTConfig, got {type(config).__name__}")
-        self.base_model = model
+        self.model = model
         self.s2ft_config: dict[str, S2FTConfig] = {}
         self.structure_maps: dict[str, dict[str, Any]] = {}
         self.base_fingerprint = fingerprint(model)  # taken before any wrapping or merging
@@ -99,6 +99,7 @@ class S2FTModel(nn.Module):
         self._trainable: dict[str, bool] = {}  # set_adapter makes only the active one require grad
         self._layers: list[S2FTLayer] | None = None
         self._disabled = 0  # inside disable_adapter(): leave the weights alone
+        self._layers_off: contextlib.ExitStack | None = None  # disable_adapter_layers() until enabled
         for p in model.parameters():
             p.requires_grad_(False)
         self.add_adapter(adapter_name, config, indices=indices, calibration=calibration)
@@ -119,13 +120,13 @@ class S2FTModel(nn.Module):
             raise ValueError(f"adapter {adapter_name!r} already exists")
         if not adapter_name or adapter_name == BASE or "/" in adapter_name or "." in adapter_name:
             raise ValueError(f"invalid adapter name {adapter_name!r} (reserved, empty, or contains '/' or '.')")
-        smap = structure_map_for(self.base_model, config.structure_map)
-        structure = resolve(self.base_model, smap)
+        smap = structure_map_for(self.model, config.structure_map)
+        structure = resolve(self.model, smap)
         if indices is None:
             with self.disable_adapter():  # calibrate on the base model, not on other adapters
                 for layer in self.s2ft_layers():
                     layer.restore()  # weight-based scores read the exact base weights
-                selection = select(self.base_model, structure, config, calibration)
+                selection = select(self.model, structure, config, calibration)
             indices = module_indices(structure, selection, config)
         for path in indices:
             self._layer_at(path)
@@ -200,7 +201,7 @@ class S2FTModel(nn.Module):
         check_base: str = "error",
     ) -> None:
         """Load a saved adapter beside the others (it does not become active)."""
-        config, indices, modules = _read_checked(adapter_path, self.base_model, self.base_fingerprint, check_base)
+        config, indices, modules = _read_checked(adapter_path, self.model, self.base_fingerprint, check_base)
         self.add_adapter(adapter_name, config, indices=indices)
         self._trainable[adapter_name] = bool(is_trainable)
         self._load_deltas(adapter_name, modules, is_trainable)
@@ -220,7 +221,7 @@ class S2FTModel(nn.Module):
         active (merged in place in merged mode)."""
         if adapter_name not in self.s2ft_config:
             raise ValueError(f"unknown adapter {adapter_name!r}; have {list(self.s2ft_config)}")
-        config, indices, modules = _read_checked(adapter_path, self.base_model, self.base_fingerprint, check_base)
+        config, indices, modules = _read_checked(adapter_path, self.model, self.base_fingerprint, check_base)
         was_active = adapter_name == self.active_adapter
         self._remove(adapter_name)
         self.add_adapter(adapter_name, config, indices=indices)
@@ -315,20 +316,20 @@ class S2FTModel(nn.Module):
 
     def s2ft_layers(self) -> Iterator[S2FTLayer]:
         if self._layers is None:
-            self._layers = [m for m in self.base_model.modules() if isinstance(m, S2FTLayer)]
+            self._layers = [m for m in self.model.modules() if isinstance(m, S2FTLayer)]
         yield from self._layers
 
     def named_s2ft_layers(self) -> Iterator[tuple[str, S2FTLayer]]:
-        for name, module in self.base_model.named_modules():
+        for name, module in self.model.named_modules():
             if isinstance(module, S2FTLayer):
                 yield name, module
 
     def _layer_at(self, path: str) -> S2FTLayer:
-        module = self.base_model.get_submodule(path)
+        module = self.model.get_submodule(path)
         if isinstance(module, S2FTLayer):
             return module
         parent_path, _, attr = path.rpartition(".")
-        parent = self.base_model.get_submodule(parent_path) if parent_path else self.base_model
+        parent = self.model.get_submodule(parent_path) if parent_path else self.model
         layer = S2FTLayer(module, path)
         setattr(parent, attr, layer)
         self._layers = None
@@ -358,7 +359,7 @@ class S2FTModel(nn.Module):
         if adapter_names is None and not torch.compiler.is_compiling():
             self.sync_weights()
         with self._batch_adapters(adapter_names):
-            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """`generate` of the base model; `adapter_names` as in `forward` (beams and several
@@ -366,7 +367,7 @@ class S2FTModel(nn.Module):
         if adapter_names is None:
             self.sync_weights()
         with self._batch_adapters(adapter_names):
-            return self.base_model.generate(*args, **kwargs)
+            return self.model.generate(*args, **kwargs)
 
     @contextlib.contextmanager
     def _batch_adapters(self, adapter_names: list[str] | None) -> Iterator[None]:
@@ -389,16 +390,107 @@ class S2FTModel(nn.Module):
             for layer in layers:
                 layer.batch_adapters = None
 
-    def get_base_model(self) -> nn.Module:
-        return self.base_model
-
     def __getattr__(self, name: str) -> Any:
+        """Attributes S2FTModel does not define come from the wrapped model, so it looks like
+        that model to transformers and TRL (`model.base_model` is its backbone, `model.config`
+        its config). PEFT names without an S²FT meaning and the base model's Hub upload
+        raise `PeftNameError` instead (`s2ft.peft_names`)."""
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "base_model":
+            if name == "model":
                 raise
-            return getattr(self.base_model, name)
+            error = peft_names.unsupported(name)
+            if error is not None:
+                raise error from None
+            return getattr(self.model, name)
+
+    # ------------------------------------------------------------------ PEFT names
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped transformers model (PEFT's name). Its forward runs the active adapter
+        too: its trained rows/columns live inside the weights."""
+        return self.model
+
+    @property
+    def peft_config(self) -> dict[str, S2FTConfig]:
+        """`{adapter_name: S2FTConfig}`, PEFT's name for `s2ft_config`."""
+        return self.s2ft_config
+
+    @property
+    def active_peft_config(self) -> S2FTConfig:
+        """The S2FTConfig of the active adapter."""
+        if self.active_adapter == BASE:
+            raise ValueError("no adapter is active (the base model is); set_adapter(name) first")
+        return self.s2ft_config[self.active_adapter]
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """PEFT's list form of `active_adapter` (empty while the base model is active)."""
+        return [] if self.active_adapter == BASE else [self.active_adapter]
+
+    def disable_adapter_layers(self) -> None:
+        """Run the base model until `enable_adapter_layers()` (`disable_adapter()` without `with`)."""
+        if self._layers_off is None:
+            stack = contextlib.ExitStack()
+            stack.enter_context(self.disable_adapter())
+            self.__dict__["_layers_off"] = stack
+
+    def enable_adapter_layers(self) -> None:
+        """Undo `disable_adapter_layers()`."""
+        stack = self._layers_off
+        if stack is not None:
+            self.__dict__["_layers_off"] = None
+            stack.close()
+
+    disable_adapters = disable_adapter_layers  # transformers' PeftAdapterMixin names
+    enable_adapters = enable_adapter_layers
+
+    def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
+        """PEFT's name for `merge`: add the active (or the one named) adapter into the weights."""
+        if adapter_names is not None and len(adapter_names) != 1:
+            raise ValueError(
+                f"S²FT merges one adapter at a time, got {adapter_names}; fuse_adapters() builds their sum first"
+            )
+        self.merge(adapter_names[0] if adapter_names else None)
+
+    def unmerge_adapter(self) -> None:
+        """PEFT's name for `unmerge`: restore the exact base weights."""
+        self.unmerge()
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        adapter_name: str | None = None,
+        *,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        endpoint: str | None = None,
+    ) -> Any:
+        """Upload the adapter (never the base model) to the Hub repo `repo_id`: the s2ft files and
+        a README model card, through `huggingface_hub`. Returns its `CommitInfo`. See `s2ft.hub`."""
+        from s2ft import hub
+
+        return hub.push_adapter(
+            self,
+            repo_id,
+            adapter_name,
+            commit_message=commit_message,
+            private=private,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+            endpoint=endpoint,
+        )
+
+    def create_or_update_model_card(self, output_dir: str | os.PathLike, adapter_name: str | None = None) -> None:
+        """Write README.md (the model card `push_to_hub` uploads) for an adapter into `output_dir`."""
+        from s2ft import hub
+
+        hub.write_model_card(self, output_dir, adapter_name)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, total) parameter counts; total includes the frozen base."""
@@ -425,7 +517,7 @@ class S2FTModel(nn.Module):
             keep_vars = rest[1] if len(rest) > 1 else keep_vars
         out = destination if destination is not None else {}
         for name, layer in self.named_s2ft_layers():
-            layer.s2ft.state_dict(destination=out, prefix=f"{prefix}base_model.{name}.s2ft.", keep_vars=keep_vars)
+            layer.s2ft.state_dict(destination=out, prefix=f"{prefix}model.{name}.s2ft.", keep_vars=keep_vars)
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
@@ -450,9 +542,15 @@ class S2FTModel(nn.Module):
         save_directory: str | os.PathLike,
         adapter_name: str | None = None,
         is_main_process: bool | None = None,
-        **_: Any,
+        push_to_hub: bool = False,
+        **kwargs: Any,
     ) -> None:
         """Write the adapter as `s2ft_adapter.safetensors` + `s2ft_config.json` (atomically).
+
+        `push_to_hub=True` then uploads it with `push_to_hub(repo_id)` (`repo_id` from kwargs,
+        default: the directory's name, as in transformers; other kwargs go to `push_to_hub`).
+        Other keyword arguments that transformers' `Trainer` passes (`state_dict`,
+        `safe_serialization`) are ignored: the adapter is always read from the model.
 
         Under FSDP2 the deltas are sharded: every rank must call this (it gathers them), and
         only the main process (`is_main_process`, default: rank 0) writes. Every tensor is
@@ -497,6 +595,10 @@ class S2FTModel(nn.Module):
             meta["provenance"] = self.provenance[name]
         if is_main_process:
             write_adapter(save_directory, tensors, meta)
+            if push_to_hub:
+                repo_id = kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(save_directory))
+                hub_args = {k: kwargs[k] for k in kwargs if k not in ("state_dict", "safe_serialization")}
+                self.push_to_hub(repo_id, name, **hub_args)
 
     @classmethod
     def from_pretrained(
@@ -521,7 +623,7 @@ class S2FTModel(nn.Module):
     @torch.no_grad()
     def _load_deltas(self, adapter_name: str, modules: dict[str, dict[str, torch.Tensor]], trainable: bool) -> None:
         for path, parts in modules.items():
-            d = self.base_model.get_submodule(path).s2ft[adapter_name]
+            d = self.model.get_submodule(path).s2ft[adapter_name]
             for part in ("row_delta", "row_bias", "col_delta"):
                 param = getattr(d, part)
                 if (param is None) != (part not in parts):
@@ -564,11 +666,11 @@ class S2FTModel(nn.Module):
         for path, layer in list(self.named_s2ft_layers()):
             layer.restore()  # an unmerged adapter's blocks leave the weights
             parent_path, _, attr = path.rpartition(".")
-            parent = self.base_model.get_submodule(parent_path) if parent_path else self.base_model
+            parent = self.model.get_submodule(parent_path) if parent_path else self.model
             setattr(parent, attr, layer.base_layer)
         self._layers = None
         _untrack(self)
-        return self.base_model
+        return self.model
 
 
 def _check_shared_weights(model: S2FTModel) -> None:
