@@ -17,9 +17,9 @@ test: install-dev
 	$(PYTHON) -m pytest -q
 
 lint:
-	$(PYTHON) -m ruff check src tests bench
-	$(PYTHON) -m ruff format --check src tests bench
+	$(PYTHON) -m ruff check src tests bench examples
+	$(PYTHON) -m ruff format --check src tests bench examples
 
 format:
-	$(PYTHON) -m ruff check --fix src tests bench
-	$(PYTHON) -m ruff format src tests bench
+	$(PYTHON) -m ruff check --fix src tests bench examples
+	$(PYTHON) -m ruff format src tests bench examples

@@ -1,6 +1,8 @@
 """`s2ft train` end to end on a tiny LLaMA saved to disk: every method writes its result and
 lowers the validation loss; YAML configs round-trip; bad input fails cleanly without writing a
-run; a SIGKILLed run resumes to the same result; a 2-process torchrun launch works."""
+run; a SIGKILLed run resumes to the same result; 2-process torchrun and accelerate launches
+without --device train as one DDP job (equal to one process on the combined batch), and a launch
+whose ranks would not synchronise is refused."""
 
 from __future__ import annotations
 
@@ -303,7 +305,7 @@ def test_torchrun_two_processes(setup, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["steps"] == 4
+    assert summary["world_size"] == 2 and summary["steps"] == 4 and summary["ranks_identical"] is True
     assert (out / "adapter" / "s2ft_adapter.safetensors").is_file()
     assert done.stdout.count("[s2ft train] done") == 1  # rank 0 reports, rank 1 stays quiet
 
@@ -328,3 +330,163 @@ def test_example_configs_are_valid(path):
     args = resolve_args({"config": str(path), "output_dir": "unused"})
     assert args.data and args.model
     assert path.name != "demo.yaml" or args.data == "builtin:arc_easy_text"
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes without --device: the launch must find out by itself that there is no GPU.
+# CUDA is hidden from the launched processes, so these tests see a CPU-only machine everywhere.
+
+DDP_FLAGS = ["--max-steps", "3", "--ffn-ratio", "0.25", "--attn-ratio", "0.5", "--learning-rate", "5e-2"]
+DDP_FLAGS += ["--logging-steps", "1"]
+NO_GPU = {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def _run(cmd, env=None, ok=True):
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, **NO_GPU, **(env or {})})
+    if ok:
+        assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+# The launch commands docs/TRAINING.md and docs/INTEGRATIONS.md show (tests/test_integrations_docs.py
+# checks they are there); the tests below run exactly these, with a port and the run's options added.
+TORCHRUN_DOC = "torchrun --nproc_per_node 2 -m s2ft.cli train"
+ACCELERATE_DOC = (
+    "accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no "
+    "-m s2ft.cli train"
+)
+_PROGRAMS = {"torchrun": "torch.distributed.run", "accelerate": "accelerate.commands.launch"}
+
+
+def _documented(command, port_args, setup, out):
+    """`command` as a subprocess argv: the launcher through this Python, `port_args` before `-m`."""
+    prog, *words = command.split()
+    if prog == "accelerate":
+        words = words[1:]  # "launch" is the module's job
+    at = words.index("-m")
+    return [
+        sys.executable,
+        "-m",
+        _PROGRAMS[prog],
+        *words[:at],
+        *port_args,
+        *words[at:],
+        *_train_argv(setup, out, 2)[1:],
+    ]
+
+
+def _train_argv(setup, out, batch_size):
+    return ["train", "--model", setup["model"], "--data", setup["data"], "--output-dir", str(out)] + [
+        "--batch-size",
+        str(batch_size),
+        *DDP_FLAGS,
+    ]
+
+
+@pytest.fixture(scope="module")
+def one_process(setup, tmp_path_factory):
+    """The reference for the 2-process runs below: one process on their combined batch (2 x 2
+    sequences), same seed and data. Trainer's data order is the same: both draw one seeded
+    permutation, and under DDP rank r takes micro-batch 2k+r of it, so step k sees the same 4 rows."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    _run(_cli(*_train_argv(setup, out, 4)))
+    return out
+
+
+def _losses(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def _assert_two_ranks_match_one_process(out, ref):
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 3, summary
+    a = load_file(out / "adapter" / "s2ft_adapter.safetensors")
+    b = load_file(ref / "adapter" / "s2ft_adapter.safetensors")
+    assert a.keys() == b.keys()
+    deltas = [k for k in a if a[k].is_floating_point()]
+    assert deltas and max(float(b[k].abs().max()) for k in deltas) > 1e-2  # training moved the deltas
+    for k in a:  # the indices exactly, the deltas up to float32 summation order
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+    assert _losses(out) == pytest.approx(_losses(ref), rel=1e-4)  # the logged loss is the global one
+    assert summary["ranks_identical"] is True
+
+
+def test_torchrun_without_device_is_one_ddp_job(setup, tmp_path, one_process):
+    """On a CPU-only machine `--device auto` must give DDP over gloo, not two unsynchronised copies
+    (Trainer only logged `parallel_mode != ParallelMode.DISTRIBUTED` while each rank trained alone)."""
+    out = tmp_path / "ddp"
+    _run(_documented(TORCHRUN_DOC, ["--master_addr", "127.0.0.1", "--master_port", str(free_port())], setup, out))
+    _assert_two_ranks_match_one_process(out, one_process)
+
+
+def test_accelerate_launch_two_cpu_processes(setup, tmp_path, one_process):
+    """The documented accelerate command for N CPU processes: --multi_gpu (accelerate's torchrun-based
+    launcher; `--cpu` would start a single process). HF_HOME hides any local accelerate config."""
+    out = tmp_path / "acc"
+    _run(
+        _documented(ACCELERATE_DOC, ["--main_process_port", str(free_port())], setup, out),
+        env={"HF_HOME": str(tmp_path / "hf")},
+    )
+    _assert_two_ranks_match_one_process(out, one_process)
+
+
+UNSYNCED = """import sys
+import s2ft.train as t
+t.use_cpu = lambda device: False  # the old bug: Trainer not told to use the CPU, so no DDP on CPU
+{bypass}
+from s2ft.cli import main
+sys.exit(main())
+"""
+
+
+def test_unsynchronised_processes_are_refused(setup, tmp_path):
+    """Reintroduce the old bug in a 2-process launch: `require_ddp` refuses it before the run
+    directory is written; past that guard, the ranks' parameters differ after training, so the
+    run fails, writes no adapter and says so in summary.json."""
+    for bypass in ("", "t.require_ddp = lambda targs: None"):
+        script = tmp_path / "unsynced.py"
+        script.write_text(UNSYNCED.format(bypass=bypass))
+        out = tmp_path / f"out{len(bypass)}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+        cmd += ["--master_port", str(free_port()), str(script), *_train_argv(setup, out, 2)]
+        done = _run(cmd, ok=False)
+        assert done.returncode != 0
+        if not bypass:
+            assert "would train its own copy" in done.stderr and "--multi_gpu" in done.stderr, done.stderr[-3000:]
+            assert not out.exists()
+        else:
+            assert "ended training with different parameters" in done.stderr, done.stderr[-3000:]
+            summary = json.loads((out / "summary.json").read_text())
+            assert summary["ranks_identical"] is False and summary["output"] is None and "error" in summary
+            assert not (out / "adapter").exists()
+
+
+def test_require_ddp_and_the_accelerate_cpu_warning(monkeypatch):
+    from types import SimpleNamespace
+
+    from transformers.training_args import ParallelMode
+
+    from s2ft.train import accelerate_cpu_warning, require_ddp
+
+    alone = SimpleNamespace(parallel_mode=ParallelMode.NOT_PARALLEL, device=torch.device("cpu"))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    require_ddp(alone)  # one process: nothing to synchronise
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="WORLD_SIZE=2.*own copy"):
+        require_ddp(alone)
+    require_ddp(SimpleNamespace(parallel_mode=ParallelMode.DISTRIBUTED, device=torch.device("cpu")))
+
+    simple = {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    assert "--multi_gpu" in accelerate_cpu_warning(simple)  # accelerate launch --cpu --num_processes 2
+    assert accelerate_cpu_warning({**simple, "WORLD_SIZE": "2"}) is None  # torchrun-started
+    assert accelerate_cpu_warning({**simple, "PMI_SIZE": "2"}) is None  # mpirun-started
+    assert accelerate_cpu_warning({"ACCELERATE_USE_CPU": "True"}) is None  # --cpu, one process asked for
+    assert accelerate_cpu_warning({"MASTER_ADDR": "127.0.0.1"}) is None
+
+
+def test_max_grad_norm_zero_disables_clipping(setup, tmp_path):
+    """`--max-grad-norm 0` is documented as "0 disables"; it used to reach Trainer as None and crash."""
+    out = tmp_path / "noclip"
+    assert _train(setup, out, "--max-steps", "2", "--max-grad-norm", "0", "--logging-steps", "1") == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2

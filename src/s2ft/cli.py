@@ -276,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune --model on --data with transformers Trainer and write the adapter (or model), "
         "train_config.yaml, metrics.jsonl, loss.png and checkpoints to --output-dir. Every option can also come "
         "from a YAML file (--config); flags win over the file. Multi-process: torchrun --nproc_per_node N "
-        "-m s2ft.cli train ... (or accelerate launch).",
+        "-m s2ft.cli train ... or accelerate launch --multi_gpu --num_processes N -m s2ft.cli train ... "
+        "(both also on CPU-only machines; see docs/TRAINING.md).",
         epilog="example: s2ft train --model smollm2 --data builtin:arc_easy --output-dir runs/arc "
         "--max-steps 100 --learning-rate 2e-3 --val-split 0.05",
     )

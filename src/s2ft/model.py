@@ -403,7 +403,13 @@ class S2FTModel(nn.Module):
             error = peft_names.unsupported(name)
             if error is not None:
                 raise error from None
-            return getattr(self.model, name)
+            try:
+                return getattr(self.model, name)
+            except AttributeError:
+                error = peft_names.unsupported(name, missing=True)
+                if error is None:
+                    raise
+            raise error from None
 
     # ------------------------------------------------------------------ PEFT names
 

@@ -10,9 +10,11 @@ must not take that road: transformers models carry PEFT's own integration
 - the PEFT names whose meaning carries over are methods of S2FTModel itself (listed in
   docs/ADAPTERS.md, "PEFT names");
 - `HINTS` maps the others to what to use instead;
-- any other public name of PEFT's `PeftModel`, of its LoRA tuner, or of transformers'
-  `PeftAdapterMixin`, and every name of `PushToHubMixin`, raises `PeftNameError` too, so a
-  PEFT release that adds a method cannot reach the base model by accident.
+- every other public name of transformers' `PeftAdapterMixin` and every name of
+  `PushToHubMixin` raises `PeftNameError` instead of reaching the wrapped model;
+- a public name of PEFT's `PeftModel` or LoRA tuner that the wrapped model lacks too raises
+  `PeftNameError` rather than transformers' AttributeError (so names a PEFT release adds are
+  covered; PEFT is imported only then).
 
 `PeftNameError` is an `AttributeError`, so `hasattr(model, "get_layer_status")` is False, as
 libraries that probe for PEFT features expect.
@@ -51,29 +53,28 @@ class PeftNameError(AttributeError):
 
 
 @functools.cache
+def _mixin_names() -> frozenset[str]:
+    """Public names of transformers' PeftAdapterMixin (every PreTrainedModel has them)."""
+    try:
+        from transformers.integrations.peft import PeftAdapterMixin
+    except ImportError:
+        return frozenset()
+    return frozenset(n for n in vars(PeftAdapterMixin) if not n.startswith("_"))
+
+
+@functools.cache
 def _peft_public_names() -> frozenset[str]:
-    """Public names of PEFT's PeftModel and LoRA tuner and of transformers' PeftAdapterMixin,
-    minus those every nn.Module has and the transformers generics that PeftModel re-exports."""
-    names: set[str] = set()
+    """Public names of PEFT's PeftModel and LoRA tuner, minus those every nn.Module has and the
+    transformers generics that PeftModel re-exports (imports PEFT: used only on a miss)."""
     try:
         from peft import PeftModel
         from peft.tuners.lora import LoraModel
-
-        names |= {n for c in (PeftModel, LoraModel) for n in dir(c) if not n.startswith("_")}
-    except ImportError:  # PEFT is a dependency, but the table stays usable without it
-        pass
-    generics: set[str] = set()
-    try:
         from transformers import PreTrainedModel
-        from transformers.integrations.peft import PeftAdapterMixin
-
-        mixin = {n for n in vars(PeftAdapterMixin) if not n.startswith("_")}
-        generics = set(dir(PreTrainedModel)) - mixin
-        names |= mixin
     except ImportError:
-        pass
-    generics |= set(dir(nn.Module)) | {"generate", "prepare_inputs_for_generation", "prefix"}
-    return frozenset(names - generics)
+        return frozenset()
+    names = {n for c in (PeftModel, LoraModel) for n in dir(c) if not n.startswith("_")}
+    generics = (set(dir(PreTrainedModel)) - _mixin_names()) | set(dir(nn.Module))
+    return frozenset(names - generics - {"generate", "prepare_inputs_for_generation", "prefix"})
 
 
 @functools.cache
@@ -85,9 +86,10 @@ def _hub_names() -> frozenset[str]:
     return frozenset(n for n in dir(PushToHubMixin) if not n.startswith("__"))
 
 
-def unsupported(name: str) -> PeftNameError | None:
-    """The error for a PEFT or Hub name that S2FTModel does not define, else None (the
-    caller then forwards `name` to the wrapped model)."""
+def unsupported(name: str, missing: bool = False) -> PeftNameError | None:
+    """The error for a PEFT or Hub name that S2FTModel does not define, else None (the caller
+    then forwards `name` to the wrapped model). `missing=True`: the wrapped model lacks `name`
+    too; then PEFT's own names are checked as well (importing PEFT only on such a miss)."""
     if name in HINTS:
         return PeftNameError(f"S2FTModel has no PEFT method {name!r}; use {HINTS[name]}")
     if name in _hub_names():
@@ -95,7 +97,7 @@ def unsupported(name: str) -> PeftNameError | None:
             f"S2FTModel.{name} is the base model's Hub upload and is not reachable through S2FTModel: it would "
             "upload the whole base model; use model.push_to_hub(repo_id) (the adapter and a model card)"
         )
-    if name in _peft_public_names():
+    if name in _mixin_names() or (missing and name in _peft_public_names()):
         return PeftNameError(
             f"S2FTModel has no PEFT method {name!r} (it would reach the wrapped transformers model); "
             "see 'PEFT names' in docs/ADAPTERS.md for the S²FT methods"

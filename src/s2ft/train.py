@@ -456,6 +456,8 @@ def save_result(args: TrainArgs, model: Any, tokenizer: Any, out: Path) -> Path:
 def _callbacks(out: Path, resume_step: int, method: str) -> list:
     from transformers import TrainerCallback
 
+    from s2ft.integrations.transformers import S2FTCallback
+
     class MetricsCallback(TrainerCallback):
         """Append every log event to OUT/metrics.jsonl (rank 0); on resume, drop later lines."""
 
@@ -473,17 +475,10 @@ def _callbacks(out: Path, resume_step: int, method: str) -> list:
                 with self.path.open("a") as fh:
                     fh.write(json.dumps(row) + "\n")
 
-    class AdapterCheckpointCallback(TrainerCallback):
-        """Also write each S²FT checkpoint in the adapter format (`checkpoint-N/adapter`), so a
-        checkpoint is usable as is and a resumed run keeps its selected indices."""
-
-        def on_save(self, args, state, control, model=None, **kwargs):
-            if state.is_world_process_zero and model is not None:
-                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                if ckpt.is_dir():
-                    _atomic_save_dir(ckpt / "adapter", lambda d: model.save_pretrained(d))
-
-    return [MetricsCallback()] + ([AdapterCheckpointCallback()] if method == "s2ft" else [])
+    # each S²FT checkpoint also holds the adapter format (checkpoint-N/adapter): usable as is, and a
+    # resumed run keeps its selected indices; the final adapter is written by save_result
+    s2ft = [S2FTCallback(subdir="adapter", save_on_train_end=False)] if method == "s2ft" else []
+    return [MetricsCallback(), *s2ft]
 
 
 def _step_of(line: str) -> int:
@@ -518,6 +513,103 @@ def _final_val_loss(trainer: Any) -> float:
     return trainer.evaluate()["eval_loss"]
 
 
+def _has_accelerator() -> bool:
+    """Is there a GPU (or another accelerator) for Trainer? `torch.accelerator` where it exists
+    (torch >= 2.6), else CUDA or MPS."""
+    acc = getattr(torch, "accelerator", None)
+    if acc is not None and hasattr(acc, "is_available"):
+        return bool(acc.is_available())
+    mps = getattr(torch.backends, "mps", None)
+    return torch.cuda.is_available() or bool(mps is not None and mps.is_available())
+
+
+def use_cpu(device: str) -> bool:
+    """Should Trainer run on the CPU? For `--device cpu`, and for `--device auto` on a machine
+    without an accelerator. Trainer must be told (`TrainingArguments(use_cpu=True)`): otherwise,
+    under torchrun on a CPU-only machine, accelerate starts a process group but sets up no DDP, and
+    every process trains its own copy."""
+    return device == "cpu" or (device == "auto" and not _has_accelerator())
+
+
+def require_ddp(targs: Any) -> None:
+    """Refuse a multi-process launch (WORLD_SIZE > 1) that Trainer would not run as one DDP job:
+    each process would train an unsynchronised copy on its share of the data, with nothing but a
+    log line from transformers to say so. Raises `RuntimeError` on every rank (each sees the same
+    environment), after tearing down the process group that was started."""
+    from transformers.training_args import ParallelMode
+
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched <= 1 or targs.parallel_mode == ParallelMode.DISTRIBUTED:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    raise RuntimeError(
+        f"launched as {launched} processes (WORLD_SIZE={launched}, set by torchrun or accelerate launch), but "
+        f"Trainer set up no distributed run on {targs.device} (parallel mode {targs.parallel_mode.value!r}), so each "
+        "process would train its own copy. On CPUs pass --device cpu (DDP over gloo); on GPUs start at most one "
+        "process per GPU; with accelerate launch pass --multi_gpu (also on a machine without GPUs)"
+    )
+
+
+def accelerate_cpu_warning(env: typing.Mapping[str, str] | None = None) -> str | None:
+    """A warning when `accelerate launch --cpu --num_processes N` (N > 1) started this as its
+    only process: accelerate's CPU launcher runs one process unless mpirun starts the others
+    (`--mpirun_hostfile`). It sets MASTER_ADDR only when asked for several processes; torchrun and
+    mpirun set WORLD_SIZE or their own size variable. None otherwise."""
+    env = os.environ if env is None else env
+    if env.get("ACCELERATE_USE_CPU", "").lower() not in ("true", "1", "yes") or "MASTER_ADDR" not in env:
+        return None
+    if any(k in env for k in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")):
+        return None
+    return (
+        "accelerate launch --cpu with --num_processes above 1 starts a single process (accelerate's CPU "
+        "launcher needs mpirun for more); this run trains in one process. For N CPU processes use "
+        "`accelerate launch --multi_gpu --num_processes N -m s2ft.cli train ...` (without --cpu) or "
+        "`torchrun --nproc_per_node N -m s2ft.cli train ...`"
+    )
+
+
+def _sharded(trainer: Any) -> bool:
+    """Does each rank hold only part of the parameters (FSDP, DeepSpeed ZeRO-3)?"""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return True
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        return any(hasattr(p, "ds_id") for p in trainer.model.parameters())
+    return False
+
+
+def ranks_identical(model: Any, device: Any = "cpu", sharded: bool = False) -> bool | None:
+    """Did every process end with the same trainable parameters? A checksum per trainable
+    parameter (sum, sum of squares and sum of absolute values, in float64) is all-gathered and
+    each rank's is compared with rank 0's; DDP keeps replicas bitwise equal, so the tolerance
+    (1e-9 of the parameter's scale) only absorbs summation order. A collective: call it on every
+    rank. Returns None where there is nothing to compare: a single process, or `sharded` (FSDP,
+    ZeRO-3), where each rank holds a different part by design."""
+    import torch.distributed as dist
+
+    if sharded or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    rows = []
+    for p in model.parameters():
+        if p.requires_grad:
+            t = p.detach().double()
+            rows.append(torch.stack([t.sum(), t.square().sum(), t.abs().sum()]))
+    local = torch.stack(rows).to(device) if rows else torch.zeros(0, 3, dtype=torch.float64, device=device)
+    n = dist.get_world_size()
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(n)]
+    dist.all_gather(sizes, torch.tensor([len(rows)], dtype=torch.int64, device=device))
+    if len({int(s) for s in sizes}) > 1:
+        return False
+    gathered = [torch.empty_like(local) for _ in range(n)]
+    dist.all_gather(gathered, local)
+    ref = gathered[0].cpu()
+    scale = ref[:, 2:3].abs() + 1e-30  # sum |p|: bounds the sum; sum p^2 is compared relative to itself
+    tol = 1e-9 * torch.cat([scale, ref[:, 1:2].abs() + 1e-30, scale], dim=1)
+    return all(bool(((g.cpu() - ref).abs() <= tol).all()) for g in gathered[1:])
+
+
 def run_train(args: TrainArgs) -> dict[str, Any]:
     """Run `s2ft train` with `args`; return the summary (also written to OUT/summary.json)."""
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
@@ -550,17 +642,11 @@ def run_train(args: TrainArgs) -> dict[str, Any]:
     if "matched" in method_report:
         say("[s2ft train] budget matched: " + ", ".join(f"{k}={v}" for k, v in method_report["matched"].items()))
 
-    # 3. the run directory: written only once inputs are known to be good
-    if rank0:
-        out.mkdir(parents=True, exist_ok=True)
-        if args.overwrite:
-            _clear_run(out)
-        write_yaml(args, out / "train_config.yaml")
-    resume_step = int(Path(resume_from).name.split("-")[-1]) if resume_from else 0
-
-    # 4. Trainer
+    # 3. Trainer's arguments set up the process group under torchrun/accelerate launch: a launch
+    #    that Trainer would not run as one DDP job fails here, before the run directory is written
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    cpu = (device is not None and device.type == "cpu") or not torch.cuda.is_available()
+    on_cpu = use_cpu(args.device)
+    cpu = on_cpu or not torch.cuda.is_available()
     targs = TrainingArguments(
         output_dir=str(out / "checkpoints"),
         num_train_epochs=args.epochs,
@@ -572,7 +658,7 @@ def run_train(args: TrainArgs) -> dict[str, Any]:
         lr_scheduler_type=args.lr_scheduler,
         warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm if args.max_grad_norm > 0 else None,
+        max_grad_norm=args.max_grad_norm,  # 0 disables clipping (None breaks Trainer)
         seed=args.seed,
         data_seed=args.seed,
         logging_steps=args.logging_steps,
@@ -583,11 +669,24 @@ def run_train(args: TrainArgs) -> dict[str, Any]:
         save_total_limit=args.save_total_limit,
         report_to=[],
         remove_unused_columns=False,
-        use_cpu=device is not None and device.type == "cpu",
+        use_cpu=on_cpu,
         dataloader_pin_memory=not cpu,
         ddp_backend="gloo" if distributed and cpu else None,
         disable_tqdm=not rank0,
     )
+    require_ddp(targs)
+    if (warning := accelerate_cpu_warning()) is not None:
+        print(f"[s2ft train] warning: {warning}", file=sys.stderr)
+
+    # 4. the run directory: written only once inputs are known to be good
+    if rank0:
+        out.mkdir(parents=True, exist_ok=True)
+        if args.overwrite:
+            _clear_run(out)
+        write_yaml(args, out / "train_config.yaml")
+    resume_step = int(Path(resume_from).name.split("-")[-1]) if resume_from else 0
+
+    # 5. Trainer
     if args.gradient_checkpointing:  # non-reentrant: the frozen embeddings' output needs no grad
         targs.activation_checkpointing = True
         targs.activation_checkpointing_kwargs = {"use_reentrant": False}
@@ -609,10 +708,21 @@ def run_train(args: TrainArgs) -> dict[str, Any]:
     train_seconds = time.time() - t_train
     val_after = _final_val_loss(trainer) if val_rows else None
 
-    # 5. results (rank 0)
+    # 6. results (rank 0), unless the processes ended with different parameters
+    identical = ranks_identical(trainer.model, targs.device, sharded=_sharded(trainer))
+    diverged = None
+    if identical is False:
+        diverged = (
+            f"the {targs.world_size} processes ended training with different parameters, so they did not train "
+            f"as one DDP job and no single result exists: nothing was saved to {out / 'adapter'} or "
+            f"{out / 'model'} (the checkpoints under {out / 'checkpoints'} hold rank 0's copy only). Either the "
+            f"launcher started independent processes, or some trainable parameter escaped DDP's gradient "
+            f"averaging. Launch with `torchrun --nproc_per_node N -m s2ft.cli train ...` or `accelerate launch "
+            f"--multi_gpu --num_processes N -m s2ft.cli train ...`"
+        )
     summary: dict[str, Any] = {}
     if trainer.is_world_process_zero():
-        saved = save_result(args, trainer.model, tokenizer, out)
+        saved = save_result(args, trainer.model, tokenizer, out) if diverged is None else None
         from s2ft.plots import plot_loss
 
         plot_loss(_loss_series(out / "metrics.jsonl"), out / "loss.png", title=f"{args.method} on {args.data}")
@@ -627,10 +737,17 @@ def run_train(args: TrainArgs) -> dict[str, Any]:
             "train_seconds": round(train_seconds, 1),
             "seconds_per_step": round(train_seconds / max(1, trainer.state.global_step - resume_step), 3),
             "world_size": targs.world_size,
-            "output": str(saved),
+            "ranks_identical": identical,
+            "output": str(saved) if saved is not None else None,
             "total_seconds": round(time.time() - t0, 1),
         }
+        if diverged is not None:
+            summary["error"] = diverged
         atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    if diverged is not None:
+        _shutdown_distributed(trainer)
+        raise RuntimeError(diverged)
+    if trainer.is_world_process_zero():
         lines = [
             f"  {args.method} result   {saved}",
             f"  steps         {trainer.state.global_step} ({summary['seconds_per_step']} s/step"
