@@ -17,30 +17,34 @@ from s2ft import S2FTConfig, S2FTModel, get_s2ft_model
 from s2ft.layers import S2FTLayer
 
 
-@pytest.mark.parametrize("bits", ["4bit-nf4", "4bit-fp4", "8bit"])
-def test_bitsandbytes_bases_are_refused_naming_the_module(tmp_path, bits):
-    pytest.importorskip("bitsandbytes")
-    tiny_model("llama", dtype=torch.float32).save_pretrained(tmp_path)
-    if bits == "8bit":
-        q = T.BitsAndBytesConfig(load_in_8bit=True)
-    else:
-        q = T.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=bits.split("-")[1])
-    model = T.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=q, device_map="cpu")
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.\w+_proj.*not a floating-point matrix"):
+def test_other_quantized_weights_are_refused_naming_the_module():
+    """bitsandbytes layers train beside their weights (tests/test_quantized.py); any other
+    non-float or packed weight in an nn.Linear is refused, naming the module (its shape used to be
+    read from the packed weight, and an int8 weight was written as if it held floats)."""
+    model = tiny_model("llama", dtype=torch.float32)
+    up = model.model.layers[0].mlp.up_proj
+    up.weight = torch.nn.Parameter(up.weight.detach().to(torch.int8), requires_grad=False)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.up_proj.*not a floating-point matrix"):
         get_s2ft_model(model, S2FTConfig(ffn_ratio=0.25))
-    with pytest.raises(TypeError, match="self_attn.q_proj.*(uint8|int8)"):
-        S2FTLayer(model.model.layers[0].self_attn.q_proj, "model.layers.0.self_attn.q_proj")
+    with pytest.raises(TypeError, match="mlp.up_proj.*int8"):
+        S2FTLayer(up, "model.layers.0.mlp.up_proj")
 
 
-def test_an_adapter_for_a_quantized_module_is_refused_on_load(tmp_path):
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_a_bitsandbytes_weight_is_never_written(tmp_path, bits):
     pytest.importorskip("bitsandbytes")
+    from s2ft.structures import weight_view
+
     plain = tiny_model("llama", dtype=torch.float32)
     get_s2ft_model(copy.deepcopy(plain), S2FTConfig(ffn_ratio=0.25)).save_pretrained(tmp_path / "a")
     plain.save_pretrained(tmp_path / "base")
-    q = T.BitsAndBytesConfig(load_in_8bit=True)
+    q = T.BitsAndBytesConfig(load_in_8bit=True) if bits == "8bit" else T.BitsAndBytesConfig(load_in_4bit=True)
     model = T.AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=q, device_map="cpu")
-    with pytest.raises(ValueError, match=r"model\.layers\.\d\.mlp\.\w+_proj.*int8"):
-        S2FTModel.from_pretrained(model, tmp_path / "a", check_base="ignore")
+    with pytest.raises(TypeError, match=r"q_proj.*(uint8|int8).*cannot be written or merged in place"):
+        weight_view(model.model.layers[0].self_attn.q_proj, "model.layers.0.self_attn.q_proj")
+    # an adapter trained on the full-precision base loads onto its quantized copy (same fingerprint)
+    loaded = S2FTModel.from_pretrained(model, tmp_path / "a")
+    assert all(layer.quantized and not layer._writable() for layer in loaded.s2ft_layers())
 
 
 def test_set_adapter_makes_only_the_active_trainable_adapter_require_grad(tmp_path):

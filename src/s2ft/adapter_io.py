@@ -31,6 +31,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from s2ft.quantization import logical_shape
+
 CONFIG_NAME = "s2ft_config.json"
 WEIGHTS_NAME = "s2ft_adapter.safetensors"
 FORMAT = "s2ft-adapter"
@@ -65,7 +67,8 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
         value = getattr(text, key, None)
         if isinstance(value, int) and not isinstance(value, bool):
             dims[key] = value
-    shapes = sorted((_clean_name(n), list(p.shape)) for n, p in model.named_parameters() if ".s2ft." not in n)
+    # unpacked shapes: a bitsandbytes 4-bit base has the fingerprint of its full-precision model
+    shapes = sorted((_clean_name(n), list(logical_shape(p))) for n, p in model.named_parameters() if ".s2ft." not in n)
     emb = model.get_input_embeddings().weight.detach() if hasattr(model, "get_input_embeddings") else None
     probe: list[float] = []
     if emb is not None and emb.numel():

@@ -18,7 +18,7 @@ from torch import nn
 
 from s2ft.config import ATTN_ROLES, FFN_ROLES, S2FTConfig
 from s2ft.selection import layer_counts
-from s2ft.structures import ModelStructure, resolve, structure_map_for, weight_view
+from s2ft.structures import ModelStructure, module_shape, resolve, structure_map_for
 
 
 def lora_parameters(model: nn.Module, structure: ModelStructure, rank: int, roles: Iterable[str]) -> list[int]:
@@ -136,8 +136,8 @@ def lora_target_modules(model: nn.Module, roles: Iterable[str], structure_map: d
 
 def _role_shape(model: nn.Module, part, role: str) -> tuple[int, int]:
     slot = part.slots[role]
-    w = weight_view(getattr(model.get_submodule(slot.path), "base_layer", model.get_submodule(slot.path)))
-    out_dim, in_dim = w.shape
+    module = model.get_submodule(slot.path)
+    out_dim, in_dim = module_shape(getattr(module, "base_layer", module))
     if slot.axis == "row":  # a fused module counts this role's rows only
         if hasattr(part, "n_channels"):
             out_dim = part.n_channels
@@ -157,7 +157,7 @@ def _unit_cost(model: nn.Module, part, roles: Iterable[str], train_bias: bool, k
         slot = part.slots[role]
         module = model.get_submodule(slot.path)
         module = getattr(module, "base_layer", module)
-        out_dim, in_dim = weight_view(module).shape
+        out_dim, in_dim = module_shape(module)
         bias = 1 if (train_bias and slot.axis == "row" and getattr(module, "bias", None) is not None) else 0
         per_line = (in_dim + bias) if slot.axis == "row" else out_dim  # one row (+ bias) or one column
         if kind == "ffn":

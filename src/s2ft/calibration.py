@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from s2ft.structures import weight_view
+from s2ft.structures import module_shape
 
 
 @dataclass
@@ -62,7 +62,7 @@ def collect(
     for path in paths:
         module = model.get_submodule(path)
         module = getattr(module, "base_layer", module)
-        weight_view(module)  # type check
+        module_shape(module)  # type check
         handles.append(module.register_forward_hook(make_hook(path)))
     if gradients:
         emb = model.get_input_embeddings()

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from s2ft.structures import module_shape
+
 Plan = dict[str, dict[str, Any]]
 _LAYER = re.compile(r"^(.*?)\.(\d+)\.(.+)$")
 
@@ -27,7 +29,7 @@ def plan_from_model(model: Any, adapter_name: str | None = None) -> Plan:
             plan[path] = {
                 "rows": d.row_idx,
                 "cols": d.col_idx,
-                "shape": tuple(layer.weight.shape),
+                "shape": module_shape(layer.base_layer),
                 "bias": d.row_bias is not None,
             }
     return plan

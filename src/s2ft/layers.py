@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from s2ft.autograd import delta_grad, thin_blocks
-from s2ft.structures import weight_view
+from s2ft.quantization import is_quantized
+from s2ft.structures import module_shape, weight_view
 
 
 class S2FTDelta(nn.Module):
@@ -107,8 +108,9 @@ class S2FTLayer(nn.Module):
       delta's version changed, never inside backward), and forward is `base_layer(x)` plus
       `DeltaGrad` for the blocks' gradients when they are trained.
     - **thin**: `base_layer(x)` on the base values plus the blocks as thin products; for
-      mixed-adapter batches, DeepSpeed ZeRO-3 partitioned weights, adapters on top of a merged
-      one, and `set_inplace(False)`.
+      mixed-adapter batches, DeepSpeed ZeRO-3 partitioned weights, bitsandbytes 4-bit/8-bit
+      bases (never written; `s2ft.quantization`), adapters on top of a merged one, and
+      `set_inplace(False)`.
     - **base while written** (`disable_adapter()` / `"__base__"` during training): `W` holds an
       adapter and is not touched; rows `R` of the output are recomputed from the base backup and
       the columns' contribution is subtracted, so the base outputs are exact to rounding and a
@@ -117,8 +119,9 @@ class S2FTLayer(nn.Module):
 
     def __init__(self, base_layer: nn.Module, path: str = "") -> None:
         super().__init__()
-        weight_view(base_layer, path)  # raises for unsupported module types and quantized weights
+        module_shape(base_layer, path)  # raises for unsupported module types and weights
         self.base_layer = base_layer
+        self.quantized = is_quantized(base_layer)  # bitsandbytes 4/8-bit: the thin path only (QS²FT)
         self.path = path
         self.s2ft = nn.ModuleDict()
         self.active_adapter: str | None = None
@@ -204,7 +207,7 @@ class S2FTLayer(nn.Module):
     def _writable(self) -> bool:
         """Can the active adapter live inside W? Not for DeepSpeed ZeRO-3 partitions (their data
         exists only inside the module's forward) or when in-place is switched off."""
-        return self.inplace and not hasattr(_raw(self.base_layer, "weight"), "ds_id")
+        return self.inplace and not self.quantized and not hasattr(_raw(self.base_layer, "weight"), "ds_id")
 
     def _base_while_written(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Base outputs while W holds adapter blocks, without touching W (a live graph may need
@@ -362,6 +365,11 @@ class S2FTLayer(nn.Module):
         """Add adapter `name`'s blocks into the base weight (and bias), in place."""
         if name in self.merged_adapters:
             return
+        if self.quantized:
+            raise RuntimeError(
+                f"{self.path}: cannot merge into a bitsandbytes-quantized weight (the deltas would be rounded away); "
+                "merge_and_unload() dequantizes the model first and returns it in full precision"
+            )
         self.restore()
         d = self.s2ft[name]
         w, row_off, col_off, b, b_off = _local(self.base_layer)

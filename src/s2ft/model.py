@@ -51,8 +51,9 @@ from s2ft.adapter_io import (
 )
 from s2ft.config import S2FTConfig
 from s2ft.layers import BatchAdapters, S2FTLayer, _full, _full_shape, _is_dtensor
+from s2ft.quantization import dequantize_model, model_quantization
 from s2ft.selection import module_indices, select
-from s2ft.structures import resolve, structure_map_for, weight_view
+from s2ft.structures import module_shape, resolve, structure_map_for
 
 BASE = "__base__"  # the adapter name of the base model
 Indices = dict[str, dict[str, torch.Tensor]]  # module path -> {"rows": idx, "cols": idx}
@@ -339,6 +340,8 @@ class S2FTModel(nn.Module):
     def _delta_dtype(config: S2FTConfig, layer: S2FTLayer) -> torch.dtype:
         if config.delta_dtype is not None:
             return _DTYPES[config.delta_dtype]
+        if layer.quantized:  # the stored weight is packed/int8: deltas in float32 by default
+            return torch.float32
         base = layer.weight.dtype
         return torch.float32 if base in (torch.float16, torch.bfloat16) else base
 
@@ -599,6 +602,9 @@ class S2FTModel(nn.Module):
         }
         if name in self.provenance:
             meta["provenance"] = self.provenance[name]
+        quantization = model_quantization(self.model)
+        if quantization is not None:  # informational: the adapter also loads onto the full-precision base
+            meta["base_quantization"] = quantization
         if is_main_process:
             write_adapter(save_directory, tensors, meta)
             if push_to_hub:
@@ -647,6 +653,11 @@ class S2FTModel(nn.Module):
         name = adapter_name or self.active_adapter
         if name not in self.s2ft_config:
             raise ValueError(f"no adapter {name!r} to merge; have {sorted(self.s2ft_config)}")
+        if any(layer.quantized and name in layer.s2ft for layer in self.s2ft_layers()):
+            raise RuntimeError(
+                "merge() on a bitsandbytes-quantized base would round the deltas away: the adapter already runs "
+                "beside the quantized weights unmerged; merge_and_unload() returns a dequantized, merged model"
+            )
         for layer in self.s2ft_layers():
             if name in layer.s2ft:
                 layer.merge(name)
@@ -659,7 +670,15 @@ class S2FTModel(nn.Module):
         self.merge_mode = False
 
     def merge_and_unload(self) -> nn.Module:
-        """Merge the active adapter and return the plain transformers model (no s2ft modules)."""
+        """Merge the active adapter and return the plain transformers model (no s2ft modules).
+        On a bitsandbytes-quantized base the model is dequantized first, one module at a time,
+        and returned in full precision (the layers' compute dtype) with the deltas merged:
+        merging into 4-bit/8-bit weights would round small deltas away."""
+        if any(layer.quantized for layer in self.s2ft_layers()):
+            self.unmerge()
+            dequantize_model(self.model)
+            for layer in self.s2ft_layers():
+                layer.quantized = False
         self.merge()
         return self._unwrap()
 
@@ -746,8 +765,7 @@ def _read_checked(
         except AttributeError:
             raise AdapterError(f"{adapter_path}: base model has no module {path!r}") from None
         try:
-            shape = list(_full_shape(getattr(module, "base_layer", module)))
-            weight_view(getattr(module, "base_layer", module), path)
+            shape = list(module_shape(getattr(module, "base_layer", module), path))
         except (TypeError, AttributeError) as e:
             raise AdapterError(f"{adapter_path}: cannot apply to module {path!r}: {e}") from None
         if shape != info["shape"]:

@@ -39,6 +39,7 @@ from torch import nn
 
 from s2ft.calibration import CalibrationStats, collect
 from s2ft.config import S2FTConfig
+from s2ft.quantization import dequantized_weight, is_quantized
 from s2ft.structures import COLUMN_ROLES, BlockStructure, ModelStructure, Slot, expand, weight_view
 
 
@@ -52,7 +53,10 @@ class ScoreContext:
 
     def weight(self, path: str) -> torch.Tensor:
         module = self.model.get_submodule(path)
-        return weight_view(getattr(module, "base_layer", module)).detach().float()
+        module = getattr(module, "base_layer", module)
+        if is_quantized(module):  # one module dequantized at a time, never the whole model
+            return dequantized_weight(module)
+        return weight_view(module).detach().float()
 
     def generator(self, layer: int, kind: str) -> torch.Generator:
         return _generator(self.config.seed, layer, kind)

@@ -155,10 +155,23 @@ def weight_view(module: nn.Module, where: str = "") -> torch.Tensor:
     if not weight.dtype.is_floating_point or stored != tuple(stored_expected):
         raise TypeError(
             f"{name}({type(module).__name__}): its weight is {weight.dtype} of shape {tuple(weight.shape)}, not a "
-            f"floating-point matrix of shape {tuple(stored_expected)}. Quantized bases (bitsandbytes "
-            "4-bit/8-bit and the like) are not supported: load the model unquantized."
+            f"floating-point matrix of shape {tuple(stored_expected)}. bitsandbytes 4-bit/8-bit layers train "
+            "beside their quantized weights but cannot be written or merged in place (merge_and_unload() "
+            "dequantizes first); other quantized formats are not supported: load the model unquantized."
         )
     return weight if isinstance(module, nn.Linear) else weight.t()
+
+
+def module_shape(module: nn.Module, where: str = "") -> tuple[int, int]:
+    """`(out_features, in_features)` of a module s2ft can train: what `weight_view` accepts,
+    and bitsandbytes 4-bit/8-bit linear layers (QS²FT; their stored weight is packed, so the
+    sizes come from `in_features`/`out_features`, see `s2ft.quantization`)."""
+    from s2ft.quantization import is_quantized
+
+    if is_quantized(module):
+        return module.out_features, module.in_features
+    out_dim, in_dim = weight_view(module, where).shape
+    return out_dim, in_dim
 
 
 def validate_structure_map(smap: Any, field_name: str = "structure_map") -> None:
@@ -292,7 +305,7 @@ def _get(model: nn.Module, path: str, what: str) -> nn.Module:
         raise ValueError(f"structure map: {what} -> no module at {path!r}") from None
     base = getattr(module, "base_layer", module)  # already wrapped by s2ft
     try:
-        weight_view(base)
+        module_shape(base)
     except TypeError as e:
         raise ValueError(f"structure map: {what} -> {path!r}: {e}") from None
     return base
@@ -305,7 +318,7 @@ def _slots(model: nn.Module, prefix: str, roles: dict[str, str], sizes: dict[str
     for role, (rel, block) in parsed.items():
         path = f"{prefix}.{rel}"
         module = _get(model, path, f"{kind}.{role}")
-        out_dim, in_dim = weight_view(module).shape
+        out_dim, in_dim = module_shape(module)
         if role in COLUMN_ROLES:
             if in_dim != sizes[role]:
                 raise ValueError(
@@ -331,7 +344,7 @@ def _slots(model: nn.Module, prefix: str, roles: dict[str, str], sizes: dict[str
 def _resolve_ffn(model: nn.Module, prefix: str, roles: dict[str, str]) -> FFNStructure:
     down_rel, _ = _split_block(roles["down"], "ffn.down")
     down = _get(model, f"{prefix}.{down_rel}", "ffn.down")
-    n = weight_view(down).shape[1]
+    n = module_shape(down)[1]
     sizes = {r: n for r in roles}
     return FFNStructure(n_channels=n, slots=_slots(model, prefix, roles, sizes, "ffn"))
 
