@@ -80,3 +80,42 @@ def test_cuda_mixed_batch_and_merge_unmerge():
         for path, layer in model.named_s2ft_layers():
             assert torch.equal(layer.weight, weight_view(plain.get_submodule(path))), path
         assert all(torch.equal(a, b) for a, b in zip(before, plain.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_cuda_quantized_base_gradients_and_merge(tmp_path, quant):
+    """QS²FT on CUDA bitsandbytes kernels (CPU runs: tests/test_quantized.py): bf16 compute,
+    float32 deltas; gradients against full fine-tuning of the dequantized model, and
+    merge_and_unload returning the dequantized, merged model."""
+    pytest.importorskip("bitsandbytes")
+    import transformers as T
+
+    from s2ft.quantization import dequantize_model
+
+    tiny_model("llama", dtype=torch.float32).save_pretrained(tmp_path)
+    if quant == "nf4":
+        q = T.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    else:
+        q = T.BitsAndBytesConfig(load_in_8bit=True)
+
+    def load():
+        return T.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=q, device_map="cuda:0")
+
+    model = get_s2ft_model(load(), BOTH)
+    randomize_deltas(model)
+    ref = load()
+    dequantize_model(ref, torch.float32)
+    ref = merged_reference(model, ref)
+    ids = batch().cuda()
+    model(input_ids=ids, labels=ids).loss.backward()
+    full_ft_grads(ref, ids)
+    for path, layer in model.named_s2ft_layers():
+        d = layer.s2ft["default"]
+        g_w = weight_view(ref.get_submodule(path)).grad
+        if d.row_delta is not None:
+            want = g_w[d.row_idx]
+            assert (d.row_delta.grad.float() - want).norm() <= 0.1 * want.norm() + 1e-6, path
+    with torch.no_grad():
+        want = model(input_ids=ids).logits.float()
+        got = model.merge_and_unload()(input_ids=ids).logits.float()
+    assert (got - want).abs().max() <= 0.1 * want.abs().max()

@@ -195,6 +195,8 @@ def test_switching_mixed_batches_fuse_on_a_quantized_base(llama):
         torch.testing.assert_close(mixed[i], single[name][i], rtol=0, atol=1e-5)
     model.set_adapter("a")  # switching back is exact
     torch.testing.assert_close(_logits(model, ids), single["a"], rtol=0, atol=0)
+    with model.disable_adapter():
+        torch.testing.assert_close(_logits(model, ids), single["__base__"], rtol=0, atol=0)
     model.fuse_adapters(["a", "b"], new_name="ab", warn_overlap=1.0)
     model.set_adapter("ab")
     fused = _logits(model, ids)
