@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as T
-from conftest import FAMILIES, batch, merged_reference, randomize_deltas, tiny_model
+from conftest import FAMILIES, batch, merged_reference, randomize_deltas, tiny_model, word_tokenizer
 
 from s2ft import AdapterError, S2FTConfig, S2FTModel, get_s2ft_model
 from s2ft.export import export_lora
@@ -251,3 +251,35 @@ def test_adapter_round_trip_on_an_8bit_base(llama, tmp_path):
     for (k, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
     assert model.s2ft_config == again.s2ft_config
+
+
+def test_trainer_and_trl_train_an_s2ft_model_on_a_quantized_base(llama, tmp_path):
+    """transformers' Trainer refuses "purely quantized models" without adapters attached; an
+    S2FTModel says it has them (`_hf_peft_config_loaded`), so Trainer and TRL accept it."""
+    rows = [{"input_ids": ids, "labels": ids.clone()} for ids in batch(8, 12, seed=6)]
+    for trainer_cls, args_cls in _trainers():
+        model = get_s2ft_model(_load(llama, "nf4"), CONFIG)
+        args = args_cls(
+            output_dir=str(tmp_path / trainer_cls.__name__), max_steps=3, per_device_train_batch_size=4,
+            learning_rate=1e-2, report_to=[], use_cpu=True, bf16=False, save_strategy="no",
+        )  # fmt: skip
+        if args_cls is T.TrainingArguments:
+            trainer = trainer_cls(model=model, args=args, train_dataset=rows)
+        else:  # TRL: a datasets.Dataset of token ids (already tokenized: the tokenizer only pads)
+            from datasets import Dataset
+
+            data = Dataset.from_list([{"input_ids": r["input_ids"].tolist()} for r in rows])
+            tok = word_tokenizer([{"instruction": "a", "input": "", "output": "b"}])
+            trainer = trainer_cls(model=model, args=args, train_dataset=data, processing_class=tok)
+        trainer.train()
+        assert any(p.abs().max() > 0 for p in model.parameters() if p.requires_grad)
+    assert not getattr(model.get_base_model(), "_hf_peft_config_loaded", False)  # the base's flag is untouched
+
+
+def _trainers():
+    out = [(T.Trainer, T.TrainingArguments)]
+    try:
+        import trl
+    except ImportError:
+        return out
+    return [*out, (trl.SFTTrainer, trl.SFTConfig)]

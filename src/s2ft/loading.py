@@ -112,14 +112,86 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def load_model(spec: str, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None):
+def bnb_config(
+    quantize: str | None,
+    quant_type: str | None = None,
+    double_quant: bool = False,
+    compute_dtype: torch.dtype | str | None = None,
+    model_dtype: torch.dtype | str | None = None,
+):
+    """A `transformers.BitsAndBytesConfig` for `quantize` ("4bit" or "8bit"; "none" or None ->
+    None). 4-bit options: `quant_type` ("nf4" default, "fp4"), `double_quant` (also quantize the
+    quantization constants) and `compute_dtype`, the dtype the 4-bit layers compute in (None or
+    "auto": `model_dtype`, the dtype of the modules left unquantized, else float32). 8-bit
+    (LLM.int8) has no options: bitsandbytes computes its int8 matmul from float16 inputs."""
+    from transformers import BitsAndBytesConfig
+
+    if quantize in (None, "none"):
+        return None
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quantize != "4bit":
+        raise ValueError(f"--quantize: must be none, 4bit or 8bit, got {quantize!r}")
+    if compute_dtype in (None, "auto"):
+        compute_dtype = model_dtype if model_dtype not in (None, "auto") else torch.float32
+    if isinstance(compute_dtype, str):
+        compute_dtype = getattr(torch, compute_dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type or "nf4",
+        bnb_4bit_use_double_quant=bool(double_quant),
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def bnb_config_from_args(args, model_dtype: torch.dtype | None = None):
+    """The `BitsAndBytesConfig` of a `s2ft.train.TrainArgs` (`--quantize`, `--quant-type`,
+    `--double-quant`, `--quant-compute-dtype`; "auto" computes in `model_dtype`), or None
+    without `--quantize`."""
+    return bnb_config(args.quantize, args.quant_type, args.double_quant, args.quant_compute_dtype, model_dtype)
+
+
+def _quantized_device_map(device: torch.device) -> dict[str, torch.device]:
+    """Where bitsandbytes puts the quantized model: all of it on `device` (under torchrun, a bare
+    `cuda` is this process's GPU, LOCAL_RANK)."""
+    if device.type == "mps":
+        raise ValueError("--quantize: bitsandbytes quantization does not run on MPS; use --device cpu or cuda")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return {"": device}
+
+
+def load_model(
+    spec: str,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    quantization=None,
+):
     """Load the model for `spec` (see module docstring) on `device` in `dtype` (`None`: bf16 on
-    capable GPUs, else fp32; `"auto"`: the checkpoint's own dtype)."""
+    capable GPUs, else fp32; `"auto"`: the checkpoint's own dtype).
+
+    `quantization` (a `transformers.BitsAndBytesConfig`, or a dict of `bnb_config`'s arguments,
+    whose "auto" compute dtype is then `dtype`) has bitsandbytes quantize the Transformer blocks'
+    linear layers as transformers loads them (`from_pretrained(quantization_config=...,
+    device_map={"": device})`, the path QLoRA users take); `dtype` then applies to the modules
+    left unquantized (embeddings, norms, lm_head). A `.gguf` cannot be combined with
+    a quantization config in transformers (it raises "You cannot combine Quantization and
+    loading a model from a GGUF file"), so it is quantized from its cached safetensors
+    conversion (`gguf_to_safetensors`)."""
     from transformers import AutoModelForCausalLM
 
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
-    return AutoModelForCausalLM.from_pretrained(resolve_model(spec), dtype=dtype).to(device)
+    if isinstance(quantization, dict):
+        quantization = bnb_config(**{"model_dtype": dtype, **quantization})
+    if quantization is None:
+        return AutoModelForCausalLM.from_pretrained(resolve_model(spec), dtype=dtype).to(device)
+    device_map = _quantized_device_map(device)
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("--quantize: needs bitsandbytes (pip install bitsandbytes)")
+    return AutoModelForCausalLM.from_pretrained(
+        resolve_model(spec), dtype=dtype, quantization_config=quantization, device_map=device_map
+    )
 
 
 def load_tokenizer(spec: str):
@@ -132,6 +204,8 @@ def load_tokenizer(spec: str):
     return tokenizer
 
 
-def load_model_and_tokenizer(spec: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None):
-    """`(load_model(spec, dtype, device), load_tokenizer(spec))`."""
-    return load_model(spec, dtype, device), load_tokenizer(spec)
+def load_model_and_tokenizer(
+    spec: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None, quantization=None
+):
+    """`(load_model(spec, dtype, device, quantization), load_tokenizer(spec))`."""
+    return load_model(spec, dtype, device, quantization), load_tokenizer(spec)

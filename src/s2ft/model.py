@@ -416,6 +416,13 @@ class S2FTModel(nn.Module):
 
     # ------------------------------------------------------------------ PEFT names
 
+    @property
+    def _hf_peft_config_loaded(self) -> bool:
+        """transformers' flag for "trainable adapters are attached to this model": its Trainer
+        refuses a quantized model without it ("You cannot perform fine-tuning on purely quantized
+        models"). The S²FT deltas are such adapters; the wrapped model's own flag is untouched."""
+        return bool(self.s2ft_config)
+
     def get_base_model(self) -> nn.Module:
         """The wrapped transformers model (PEFT's name). Its forward runs the active adapter
         too: its trained rows/columns live inside the weights."""

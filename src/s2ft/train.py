@@ -38,6 +38,8 @@ from s2ft.adapter_io import atomic_write
 METHODS = ("s2ft", "lora", "dora", "full")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZE = ("none", "4bit", "8bit")
+QUANT_TYPES = ("nf4", "fp4")
 DEFAULT_LR = {"s2ft": 2e-4, "lora": 2e-4, "dora": 2e-4, "full": 2e-5}
 RUN_FILES = ("train_config.yaml", "metrics.jsonl", "loss.png", "summary.json", "adapter", "model", "checkpoints")
 
@@ -121,9 +123,35 @@ class TrainArgs:
     save_steps: int = field(default=100, metadata={"help": "checkpoint every N steps"})
     save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept"})
     dtype: str = field(
-        default="auto", metadata={"help": "auto (bf16 on capable GPUs, else fp32), float32, bfloat16, float16"}
+        default="auto",
+        metadata={
+            "help": "auto (bf16 on capable GPUs, else fp32), float32, bfloat16, float16; with --quantize, the dtype "
+            "of the modules left unquantized (embeddings, norms, lm_head)"
+        },
     )
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, mps"})
+    # quantized base (QS²FT, QLoRA): bitsandbytes through transformers
+    quantize: str = field(
+        default="none",
+        metadata={
+            "help": "load the base quantized by bitsandbytes: none, 4bit or 8bit (--method s2ft, lora, or dora "
+            "with 4bit). Only the Transformer blocks' linear layers are quantized; --dtype sets the rest "
+            "(embeddings, norms, lm_head)"
+        },
+    )
+    quant_type: str | None = field(
+        default=None, metadata={"help": "4-bit data type: nf4 or fp4 (--quantize 4bit only; default: nf4)"}
+    )
+    double_quant: bool = field(
+        default=False, metadata={"help": "also quantize the 4-bit quantization constants (--quantize 4bit only)"}
+    )
+    quant_compute_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "dtype the 4-bit layers compute in: auto (the model's --dtype: bf16 on capable GPUs, else "
+            "fp32), float32, bfloat16, float16 (--quantize 4bit only)"
+        },
+    )
     resume: bool = field(default=False, metadata={"help": "continue the run in --output-dir from its last checkpoint"})
     overwrite: bool = field(default=False, metadata={"help": "replace a run already in --output-dir"})
 
@@ -162,6 +190,45 @@ class TrainArgs:
             raise bad("max_samples", f"must be positive, got {self.max_samples}")
         if self.resume and self.overwrite:
             raise bad("resume", "cannot be combined with --overwrite")
+        self._check_quantization(bad)
+
+    def _check_quantization(self, bad: typing.Callable[[str, str], ValueError]) -> None:
+        if self.quantize not in QUANTIZE:
+            raise bad("quantize", f"must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}")
+        if self.quant_compute_dtype not in DTYPES:
+            raise bad("quant_compute_dtype", f"must be one of {', '.join(DTYPES)}, got {self.quant_compute_dtype!r}")
+        if self.quant_type is not None and self.quant_type not in QUANT_TYPES:
+            raise bad("quant_type", f"must be one of {', '.join(QUANT_TYPES)}, got {self.quant_type!r}")
+        if self.quantize != "4bit":
+            only_4bit = {
+                "quant_type": self.quant_type is not None,
+                "double_quant": self.double_quant,
+                "quant_compute_dtype": self.quant_compute_dtype != "auto",
+            }
+            for name, given in only_4bit.items():
+                if given:
+                    raise bad(name, f"applies only to --quantize 4bit (this run has --quantize {self.quantize})")
+        elif self.quant_type is None:
+            self.quant_type = "nf4"  # recorded in train_config.yaml as used
+        if self.quantize == "none":
+            return
+        if self.method == "full":
+            raise bad(
+                "quantize",
+                "cannot be combined with --method full: bitsandbytes 4/8-bit weights are frozen storage, not "
+                "trainable parameters; use --method s2ft (QS²FT) or --method lora (QLoRA)",
+            )
+        if self.device == "mps":
+            raise bad("quantize", "bitsandbytes quantization does not run on --device mps; use cpu or cuda")
+        if self.method == "dora" and self.quantize == "8bit":
+            # PEFT's DoRA re-creates the layer's Int8Params (`module.weight.to(device)`) on every forward;
+            # bitsandbytes then drops the row scales, and the next forward fails in bitsandbytes with
+            # AttributeError: 'NoneType' object has no attribute ... (peft 0.21, bitsandbytes 0.50)
+            raise bad(
+                "quantize",
+                "8bit cannot be combined with --method dora: PEFT's DoRA loses the int8 weights' scales after the "
+                "first step (peft 0.21 with bitsandbytes 0.50); use --quantize 4bit, or --method lora",
+            )
 
     @property
     def lr(self) -> float:
@@ -389,6 +456,11 @@ def wrap_model(
         for p in model.parameters():
             p.requires_grad_(True)
     elif args.method == "s2ft":
+        # On a quantized base S²FT needs none of PEFT's prepare_model_for_kbit_training: get_s2ft_model
+        # freezes every base parameter itself and trains only its own dense deltas beside the quantized
+        # layers; the frozen norms/embeddings/lm_head get no gradient, so they need no fp32 copy; and
+        # Trainer's gradient checkpointing here is non-reentrant, so the embeddings' output needs no
+        # requires_grad hook. Upcasting would only cost memory; the unquantized modules stay in --dtype.
         from s2ft.data import calibration_from_rows
         from s2ft.model import S2FTModel, get_s2ft_model
         from s2ft.selection import needs_calibration
@@ -409,7 +481,7 @@ def wrap_model(
             model = get_s2ft_model(model, config, calibration=calibration)
         report["s2ft_config"] = config.to_dict()
     else:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
         rank = args.lora_rank
         if args.match_params:
@@ -423,12 +495,91 @@ def wrap_model(
             use_dora=args.method == "dora",
             task_type="CAUSAL_LM",
         )
+        if args.quantize != "none":
+            # QLoRA as PEFT prescribes: freeze the base, upcast the fp16/bf16 modules left unquantized
+            # (embeddings, norms, lm_head) to fp32, and with gradient checkpointing enable it the way
+            # Trainer will (non-reentrant, so the embeddings' output needs no grad)
+            model = prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=args.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
         model = get_peft_model(model, lora)
         report["lora_rank"] = rank
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(_logical_numel(p) for p in model.parameters())
     report.update(trainable_parameters=trainable, total_parameters=total)
     return model, report
+
+
+def _logical_numel(p: torch.Tensor) -> int:
+    """Parameters a tensor stands for: a bitsandbytes 4-bit weight packs two values per byte of
+    its storage dtype (as PEFT counts them)."""
+    if type(p).__name__ == "Params4bit":
+        return p.numel() * 2 * p.element_size()
+    return p.numel()
+
+
+def _bnb_linear_kind(module: Any) -> str | None:
+    if not type(module).__module__.startswith("bitsandbytes"):
+        return None
+    return {"Linear4bit": "4bit", "LinearNF4": "4bit", "LinearFP4": "4bit", "Linear8bitLt": "8bit"}.get(
+        type(module).__name__
+    )
+
+
+def quantization_report(args: TrainArgs, model: Any) -> dict[str, Any]:
+    """How the loaded base is quantized, for summary.json: the options, and what the model holds
+    (bitsandbytes linear layers counted in the model itself, the dtype of the rest)."""
+    kinds = [k for m in model.modules() if (k := _bnb_linear_kind(m)) is not None]
+    first = next((m for m in model.modules() if _bnb_linear_kind(m) is not None), None)
+    floats = {
+        str(p.dtype).replace("torch.", "") for p in model.parameters() if p.is_floating_point() and not p.requires_grad
+    }
+    report: dict[str, Any] = {
+        "quantize": args.quantize,
+        "library": "bitsandbytes",
+        "quantized_modules": len(kinds),
+        "quantized_kinds": sorted(set(kinds)),
+        "unquantized_dtypes": sorted(floats),  # of the frozen base modules left unquantized
+    }
+    if args.quantize == "4bit":
+        state = getattr(getattr(first, "weight", None), "quant_state", None)
+        compute = getattr(first, "compute_dtype", None)
+        report.update(
+            quant_type=getattr(state, "quant_type", args.quant_type),
+            double_quant=bool(getattr(state, "nested", args.double_quant)),
+            compute_dtype=str(compute).replace("torch.", "") if compute is not None else None,
+        )
+    return report
+
+
+def _describe(q: dict[str, Any]) -> str:
+    extra = ""
+    if q["quantize"] == "4bit":
+        extra = f" {q['quant_type']}" + (" double-quant" if q["double_quant"] else "")
+        extra += f", compute {q['compute_dtype']}" if q["compute_dtype"] else ""
+    rest = ", ".join(q["unquantized_dtypes"])
+    return f"{q['quantize']}{extra}; {q['quantized_modules']} bitsandbytes linear layers, the rest in {rest}"
+
+
+def _quiet_int8_cast_warning() -> None:
+    """bitsandbytes logs "MatMul8bitLt: inputs will be cast from ... to float16" on every 8-bit
+    matmul (its int8 kernels take float16 inputs); show it once per process."""
+    import logging
+
+    class Once(logging.Filter):
+        seen = False
+
+        def filter(self, record: logging.LogRecord) -> bool:
+            if "MatMul8bitLt: inputs will be cast" not in str(record.msg):
+                return True
+            first, Once.seen = not Once.seen, True
+            return first
+
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(type(f).__name__ == "Once" for f in logger.filters):
+        logger.addFilter(Once())
 
 
 def save_result(args: TrainArgs, model: Any, tokenizer: Any, out: Path) -> Path:
@@ -614,7 +765,7 @@ def run_train(args: TrainArgs) -> dict[str, Any]:
     """Run `s2ft train` with `args`; return the summary (also written to OUT/summary.json)."""
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from s2ft.loading import load_model, load_tokenizer
+    from s2ft.loading import bnb_config_from_args, default_device, default_dtype, load_model, load_tokenizer
 
     t0 = time.time()
     out = Path(args.output_dir)
@@ -635,8 +786,16 @@ def run_train(args: TrainArgs) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     device = None if args.device == "auto" else torch.device(args.device)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    model = load_model(args.model, dtype=dtype, device=device)
+    # --quantize: bitsandbytes quantizes the blocks' linear layers as transformers loads them;
+    # --dtype is the dtype of everything else, and what 4-bit layers compute in by default
+    quantization = bnb_config_from_args(args, model_dtype=dtype or default_dtype(device or default_device()))
+    if quantization is not None:
+        _quiet_int8_cast_warning()
+    model = load_model(args.model, dtype=dtype, device=device, quantization=quantization)
     model, method_report = wrap_model(args, model, tokenizer, train_rows, resume_from)
+    if quantization is not None:
+        method_report["quantization"] = quantization_report(args, model)
+        say(f"[s2ft train] quantized base: {_describe(method_report['quantization'])}")
     n_train, n_total = method_report["trainable_parameters"], method_report["total_parameters"]
     say(f"[s2ft train] {args.method}: {n_train:,} trainable parameters ({100 * n_train / n_total:.3f}% of {n_total:,})")
     if "matched" in method_report:
