@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parents[1]
 
 
@@ -58,3 +60,19 @@ def test_serve_load_smoke(tmp_path):
     result = json.loads((tmp_path / "sl.json").read_text())
     assert set(result["points"]) == {"2/mixed", "2/switch"}
     assert all(p["errors"] == 0 and p["requests"] > 0 for p in result["points"].values())
+
+
+def test_quantized_smoke(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("peft")
+    run_bench("quantized.py", "--smoke", "--out", str(tmp_path / "q"))
+    result = json.loads((tmp_path / "q.json").read_text())
+    methods = result["sizes"]["tiny"]["methods"]
+    assert list(methods) == ["floor4bit", "qs2ft", "qlora", "s2ft"]
+    assert methods["floor4bit"]["trainable"] == 0 and methods["floor4bit"]["optimizer_bytes"] == 0
+    assert methods["qs2ft"]["trainable"] == methods["s2ft"]["trainable"] == methods["qlora"]["s2ft_trainable"] > 0
+    assert methods["qs2ft"]["trainable"] <= methods["qlora"]["trainable"]
+    assert all(methods[m]["quantized_modules"] > 0 for m in ("floor4bit", "qs2ft", "qlora"))
+    assert methods["s2ft"]["quantized_modules"] == 0
+    assert methods["qs2ft"]["time_vs_qlora"] > 0 and methods["qs2ft"]["steps"] == 1
+    assert (tmp_path / "q.png").read_bytes()[:4] == b"\x89PNG"
