@@ -9,6 +9,8 @@ quantize the activations to int8 as well (LLM.int8()), so they match to about 1%
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import transformers as T
@@ -283,3 +285,115 @@ def _trainers():
     except ImportError:
         return out
     return [*out, (trl.SFTTrainer, trl.SFTConfig)]
+
+
+# --- bitsandbytes' CPU inference repacking --------------------------------------------------
+# On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit weight in place the first time
+# the layer runs in eval mode on an input without grad (an evaluation or generate mid-training):
+# the absmax constants are rounded to bf16, dequantize_4bit then reads garbage, and the layer
+# computes through gemv_4bit, which has no autograd kernel, so backprop through the base is cut
+# with only a warning. s2ft turns the repacking off (s2ft.quantization.keep_unpacked).
+
+
+def _avx512bf16() -> bool:
+    try:
+        from bitsandbytes.functional import has_avx512bf16
+
+        return bool(has_avx512bf16())
+    except ImportError:
+        return False
+
+
+needs_repacking_cpu = pytest.mark.skipif(
+    not _avx512bf16(), reason="bitsandbytes repacks 4-bit weights only on CPUs with AVX512-BF16"
+)
+
+
+@pytest.fixture(scope="module")
+def packable(tmp_path_factory):
+    """A LLaMA whose every 4-bit layer bitsandbytes can repack (in >= 64, out a multiple of 32)."""
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64, attn_implementation="eager",
+    )  # fmt: skip
+    folder = tmp_path_factory.mktemp("packable")
+    T.AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    return folder
+
+
+def _grads(model, ids):
+    model.train()
+    model.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _packed(model):
+    return [
+        n for n, m in model.named_modules()
+        if is_quantized(m) and getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+    ]  # fmt: skip
+
+
+@needs_repacking_cpu
+def test_evaluating_mid_training_leaves_the_4bit_base_trainable(packable):
+    """eval + no_grad forward + generate between training steps: the gradients, the stored 4-bit
+    weights and their dequantized values are those of a model that was never evaluated."""
+    ids = torch.randint(3, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    fresh = get_s2ft_model(_load(packable, "nf4"), S2FTConfig(ffn_ratio=0.25, attn_ratio=0.5, seed=0))
+    randomize_deltas(fresh, scale=0.02)
+    want = _grads(fresh, ids)
+    model = get_s2ft_model(_load(packable, "nf4"), S2FTConfig(ffn_ratio=0.25, attn_ratio=0.5, seed=0))
+    randomize_deltas(model, scale=0.02)
+    stored = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    model.generate(input_ids=ids[:1, :4], max_new_tokens=3, do_sample=False)
+    assert not _packed(model), "bitsandbytes repacked a 4-bit weight"
+    got = _grads(model, ids)
+    assert want.keys() == got.keys() and want
+    for n in want:
+        assert torch.equal(got[n], want[n]), n
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p.detach(), stored[n]), n
+
+
+@needs_repacking_cpu
+def test_a_base_repacked_before_wrapping_is_unpacked_and_trains_exactly(packable):
+    """A user generated with the 4-bit model before wrapping it: get_s2ft_model restores the
+    standard layout, so gradients flow through the base and match full fine-tuning of the
+    (now) dequantized weights."""
+    ids = torch.randint(3, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    qmodel = _load(packable, "nf4")
+    with torch.no_grad():
+        qmodel(input_ids=ids)
+    assert _packed(qmodel), "bitsandbytes did not repack: this test checks nothing"
+    model = get_s2ft_model(qmodel, S2FTConfig(ffn_ratio=0.25, attn_ratio=0.5, seed=0))
+    assert not _packed(model)
+    randomize_deltas(model, scale=0.02)
+    reference = copy.deepcopy(model).merge_and_unload()  # dequantized base + deltas (tested above)
+    assert not _quantized_modules(reference)
+    for p in reference.parameters():
+        p.requires_grad_(True)
+    got = _grads(model, ids)
+    reference(input_ids=ids, labels=ids).loss.backward()
+    for path, layer in model.named_s2ft_layers():
+        d = layer.s2ft["default"]
+        grad = reference.get_submodule(path).weight.grad
+        if d.row_delta is not None:
+            _close(got[f"model.{path}.s2ft.default.row_delta"], grad[d.row_idx], "nf4", f"{path} rows")
+        if d.col_delta is not None:
+            _close(got[f"model.{path}.s2ft.default.col_delta"], grad[:, d.col_idx], "nf4", f"{path} cols")
+
+
+def test_quantized_loads_by_s2ft_never_repack(tmp_path, packable):
+    """`s2ft.loading.load_model(quantization=...)` (the CLI's loader, QLoRA included) turns the
+    repacking off on every 4-bit layer, on any CPU."""
+    from s2ft.loading import load_model
+
+    model = load_model(str(packable), torch.float32, "cpu", quantization={"quantize": "4bit"})
+    layers = [m for m in model.modules() if is_quantized(m)]
+    assert layers and all(not getattr(m, "support_avx512bf16_for_cpu", False) for m in layers)

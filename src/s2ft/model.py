@@ -51,7 +51,7 @@ from s2ft.adapter_io import (
 )
 from s2ft.config import S2FTConfig
 from s2ft.layers import BatchAdapters, S2FTLayer, _full, _full_shape, _is_dtensor
-from s2ft.quantization import dequantize_model, model_quantization
+from s2ft.quantization import dequantize_model, keep_unpacked, model_quantization
 from s2ft.selection import module_indices, select
 from s2ft.structures import module_shape, resolve, structure_map_for
 
@@ -90,6 +90,7 @@ class S2FTModel(nn.Module):
             raise TypeError("model is already an S2FTModel; use add_adapter() for a second adapter")
         if not isinstance(config, S2FTConfig):
             raise TypeError(f"config must be an S2FTConfig, got {type(config).__name__}")
+        keep_unpacked(model)  # bitsandbytes' CPU inference repacking would cut backprop (s2ft.quantization)
         self.model = model
         self.s2ft_config: dict[str, S2FTConfig] = {}
         self.structure_maps: dict[str, dict[str, Any]] = {}

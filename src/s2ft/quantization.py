@@ -14,6 +14,16 @@ one module at a time (`dequantized_weight`). `merge_and_unload()` on a quantized
 dequantizes the model (`dequantize_model`), then merges: merging back into 4-bit would round the
 deltas away.
 
+bitsandbytes (0.50, on CPUs with AVX512-BF16) repacks a `Linear4bit` weight in place, for a
+faster inference kernel, the first time the layer runs in eval mode on an input that does not
+require grad: the layout changes, the absmax constants are rounded to bfloat16, and the layer then
+computes through `gemv_4bit`, which has no autograd kernel. After one such forward (an evaluation
+or a `generate` in the middle of training), training back-propagates nothing through the base
+layer (silently: PyTorch only warns), and `dequantize_4bit` of the repacked weight reads garbage.
+`keep_unpacked` turns that repacking off on every 4-bit layer of a model s2ft trains or loads
+(and restores the standard layout of any layer already repacked), so the base stays exactly the
+weights the adapter was trained against.
+
 This module owns recognising such modules and describing their quantization; it imports
 bitsandbytes only when a model holds its modules.
 """
@@ -76,6 +86,43 @@ def logical_shape(param: torch.Tensor) -> tuple[int, ...]:
 
 
 @torch.no_grad()
+def _unpack(module: nn.Module) -> bool:
+    """Restore the standard layout of a 4-bit weight bitsandbytes repacked for its CPU inference
+    kernel (see the module docstring); True if it was repacked."""
+    weight = module.weight
+    state = getattr(weight, "quant_state", None)
+    if not getattr(state, "packing_format_for_cpu", False):
+        return False
+    import bitsandbytes.functional as bnbf
+
+    inverse = getattr(bnbf, "_convert_weight_packed_for_cpu_inverse", None)
+    if inverse is None:  # pragma: no cover - a bitsandbytes that packs but cannot unpack
+        raise RuntimeError(
+            f"{type(module).__name__}: bitsandbytes repacked this 4-bit weight for CPU inference and this "
+            "bitsandbytes version has no inverse; reload the model before training or merging"
+        )
+    weight.data, weight.quant_state = inverse(weight.data, state)
+    return True
+
+
+def keep_unpacked(model: nn.Module) -> int:
+    """Stop bitsandbytes from repacking `model`'s 4-bit weights for its CPU inference kernel (a
+    per-module flag), and unpack any it already repacked. Returns how many were repacked before.
+
+    Repacked layers compute without autograd and dequantize wrongly (module docstring), so s2ft
+    calls this on every model it wraps or loads quantized. The cost: 4-bit inference on an
+    AVX512-BF16 CPU uses bitsandbytes' generic kernel instead of the repacked one."""
+    unpacked = 0
+    for module in model.modules():
+        if _bnb_kind(module) != "4bit":
+            continue
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+        unpacked += _unpack(module)
+    return unpacked
+
+
+@torch.no_grad()
 def dequantized_weight(module: nn.Module) -> torch.Tensor:
     """The `(out, in)` weight of a bitsandbytes linear layer, dequantized to float32 (a new
     tensor of one module's size)."""
@@ -86,6 +133,7 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     if kind == "4bit":
         import bitsandbytes.functional as bnbf
 
+        _unpack(module)  # the repacked CPU layout does not dequantize
         return bnbf.dequantize_4bit(weight.data, weight.quant_state).float().reshape(module.out_features, -1)
     scale = getattr(weight, "SCB", None)
     if scale is None:
