@@ -72,30 +72,58 @@ def vllm_python(explicit: str | None) -> str | None:
     return None
 
 
+def family_config(name: str):
+    """A small random model of one family, with SmolLM2's vocabulary and a head size vLLM's CPU
+    attention supports (64). A large init gives peaked logits, so float32 rounding in two engines
+    cannot flip an argmax tie."""
+    import transformers as T
+
+    common = dict(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=512, initializer_range=0.2,
+                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2)  # fmt: skip
+    configs = {
+        "tiny": lambda: T.LlamaConfig(**common, num_key_value_heads=2),  # the LLaMA of the quick check
+        "mistral": lambda: T.MistralConfig(**common, num_key_value_heads=2, sliding_window=None),
+        "qwen2": lambda: T.Qwen2Config(**common, num_key_value_heads=2),
+        "qwen3": lambda: T.Qwen3Config(**common, num_key_value_heads=2, head_dim=64),
+        "gemma": lambda: T.GemmaConfig(**common, num_key_value_heads=1, head_dim=64),
+        "gemma2": lambda: T.Gemma2Config(**common, num_key_value_heads=2, head_dim=64),
+        "gemma3": lambda: T.Gemma3TextConfig(**common, num_key_value_heads=1, head_dim=64),
+        "phi3": lambda: T.Phi3Config(**common, num_key_value_heads=2),
+        "opt": lambda: T.OPTConfig(
+            **{k: v for k, v in common.items() if k != "intermediate_size"},
+            ffn_dim=512,
+            word_embed_proj_dim=256,
+            do_layer_norm_before=True,
+        ),
+    }
+    if name not in configs:
+        raise SystemExit(f"--models: unknown model {name!r} (smollm2, {', '.join(configs)})")
+    return configs[name]()
+
+
+# both export variants, the server and the full-slots check:
+FULL_CHECK = ("tiny", "smollm2")
+FAMILIES = ["mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "opt"]
+
+
 def base_models(root: Path, names: list[str]) -> dict[str, Path]:
     """Save each base model as a transformers checkpoint with a tokenizer (what vLLM loads)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from s2ft.loading import resolve_model
 
     smollm2 = Path(resolve_model("smollm2"))
     out = {}
     for name in names:
-        folder = root / name
         if name == "smollm2":
             out[name] = smollm2
             continue
-        if name != "tiny":
-            raise SystemExit(f"--models: unknown model {name!r} (tiny, smollm2)")
+        cfg = family_config(name)
         torch.manual_seed(0)
-        cfg = LlamaConfig(
-            vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-            initializer_range=0.2, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-        )  # fmt: skip  # a large init: peaked logits, so float32 rounding in two engines cannot flip argmax ties
-        LlamaForCausalLM(cfg).save_pretrained(folder)
-        AutoTokenizer.from_pretrained(smollm2).save_pretrained(folder)
-        out[name] = folder
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(root / name)
+        AutoTokenizer.from_pretrained(smollm2).save_pretrained(root / name)
+        out[name] = root / name
     return out
 
 
@@ -107,7 +135,8 @@ def train_adapter(base: Path, text: str, out: Path, seed: int, steps: int, lr: f
 
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    config = S2FTConfig(ffn_ratio=0.04, attn_ratio=0.25, attn_modules=("q", "k", "v", "o"), seed=seed)
+    config = S2FTConfig(ffn_ratio=0.04, attn_ratio=0.25, attn_modules=("q", "k", "v", "o"), seed=seed,
+                        train_bias=False)  # fmt: skip  # vLLM serves no LoRA bias (export-lora --for vllm)
     model = get_s2ft_model(model, config)
     ids = tok(text, return_tensors="pt").input_ids[:, :96]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
@@ -235,11 +264,11 @@ def check_model(name: str, base: Path, py: str, args, work: Path) -> dict:
         changed = sum(a != b for a, b in zip(want[aname], want[None], strict=True))
         report.setdefault("adapter_changes_tokens", {})[aname] = f"{changed}/{len(prompts)} prompts"
     requests = [(i, n) for i in range(len(prompts)) for n in (None, *adapters)]  # mixed in one batch
-    for variant in ("rank_pattern", "pad_to"):
+    for variant in ("rank_pattern", "pad_to") if name in FULL_CHECK else ("rank_pattern",):
         exports, ranks = {}, {}
         for aname, path in adapters.items():
             exports[aname] = work / f"{name}-lora-{variant}-{aname}"
-            r = export_lora(path, exports[aname])
+            r = export_lora(path, exports[aname], engine="vllm")
             ranks[aname] = r["rank_max"]
         max_rank = next(v for v in (8, 16, 32, 64, 128, 256, 320, 512) if v >= max(ranks.values()))
         if variant == "pad_to":
@@ -249,9 +278,9 @@ def check_model(name: str, base: Path, py: str, args, work: Path) -> dict:
                "max_loras": len(exports) + 1,  # one LoRA slot left empty: see SLOTS_FULL
                "max_tokens": args.new_tokens, "prompts": prompts, "requests": requests}  # fmt: skip
         modes = {"offline": partial(run_offline, py, job, work)}
-        if variant == "rank_pattern":
+        if variant == "rank_pattern" and name in FULL_CHECK:
             modes[SLOTS_FULL] = partial(run_offline, py, {**job, "max_loras": len(exports)}, work)
-        if args.server and variant == "rank_pattern":
+        if args.server and variant == "rank_pattern" and name in FULL_CHECK:
             modes["server"] = partial(run_server, py, base, exports, max_rank, requests, prompts, args.new_tokens, work)
         for mode, run in modes.items():
             t0 = time.perf_counter()
@@ -275,7 +304,8 @@ def check_model(name: str, base: Path, py: str, args, work: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--vllm-python", help="python of the vLLM virtual environment (default: $S2FT_VLLM_PYTHON)")
-    ap.add_argument("--models", default="tiny,smollm2", help="comma-separated: tiny, smollm2")
+    ap.add_argument("--models", default="tiny,smollm2", help="comma-separated: tiny (LLaMA), smollm2, mistral, qwen2, "
+                    "qwen3, gemma, gemma2, gemma3, phi3, opt; or 'all'")  # fmt: skip
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--steps", type=int, default=12, help="S²FT training steps per adapter")
@@ -293,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         version = subprocess.run([py, "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
                                  text=True, check=True).stdout.strip()  # fmt: skip
-        bases = base_models(work, args.models.split(","))
+        names = args.models.split(",") if args.models != "all" else ["tiny", "smollm2", *FAMILIES]
+        bases = base_models(work, names)
         reports = [check_model(n, b, py, args, work) for n, b in bases.items()]
     finally:
         if not args.keep:

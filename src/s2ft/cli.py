@@ -93,22 +93,25 @@ def _fuse(args: argparse.Namespace) -> int:
 
 def _export_lora(args: argparse.Namespace) -> int:
     from s2ft.export import export_lora
+    from s2ft.integrations.vllm import serve_hint
 
-    report = export_lora(args.adapter, args.output, pad_to=args.pad_to, max_rank=args.max_rank)
+    report = export_lora(
+        args.adapter,
+        args.output,
+        pad_to=args.pad_to,
+        max_rank=args.max_rank,
+        engine=getattr(args, "for_engine", "peft"),
+        max_lora_rank=args.max_lora_rank,
+    )
     rank = report["uniform_rank"] or f"{report['rank_min']}..{report['rank_max']} (rank_pattern)"
     print(f"PEFT LoRA adapter: {args.output}")
     print(f"  modules {report['modules']}, rank {rank}, scale 1, lora_bias {report['lora_bias']}")
     print(f"  {report['parameters']:,} stored numbers (one-hot factors included)")
-    if not report["uniform_rank"]:
-        print(f"  vLLM needs one rank for all modules: add --pad-to {_next_pow2(report['rank_max'])}")
+    if report["vllm"]:
+        print("  vLLM would refuse it (check with --for vllm):\n    - " + "\n    - ".join(report["vllm"]))
+    else:
+        print(f"  vLLM: {serve_hint(report['base'], args.output, report['ranks'])}")
     return 0
-
-
-def _next_pow2(n: int) -> int:
-    p = 8
-    while p < n:
-        p *= 2
-    return p
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -383,8 +386,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("adapter", help="S²FT adapter directory")
     export.add_argument("output", help="output directory for the PEFT adapter")
-    export.add_argument("--pad-to", type=int, help="pad every module to this rank (vLLM: <= --max-lora-rank)")
+    export.add_argument("--pad-to", type=int, help="pad every module to this one rank (not needed by vLLM >= 0.8)")
     export.add_argument("--max-rank", type=int, help="fail if any module needs a larger rank")
+    export.add_argument(
+        "--for",
+        dest="for_engine",
+        choices=("peft", "vllm"),
+        default="peft",
+        help="check the target's limits first and refuse, naming the fix, what it would refuse (vllm: rank "
+        "above --max-lora-rank, LoRA bias, modules or models without vLLM LoRA support) (default: %(default)s)",
+    )
+    export.add_argument(
+        "--max-lora-rank",
+        type=int,
+        help="with --for vllm: the --max-lora-rank the server runs with (default: the largest vLLM accepts, 512)",
+    )
     export.set_defaults(func=_export_lora)
 
     srv = sub.add_parser(

@@ -10,9 +10,10 @@ so the LoRA rank of a module is `k_r + k_c`, and `lora_alpha = rank` gives scale
 bias `Δb = E_R d_b` becomes PEFT's `lora_bias` (a bias on `lora_B`). No approximation is
 made: PEFT reproduces the S²FT model's logits to floating-point rounding.
 
-Ranks differ per module (PEFT `rank_pattern`/`alpha_pattern`). Serving engines that need one
-rank for every module and cap it (vLLM: `--max-lora-rank`, at most 512 in recent versions)
-get `pad_to=R`: every module padded with zero rows/columns to rank R — still exact.
+Ranks differ per module (PEFT `rank_pattern`/`alpha_pattern`, which vLLM 0.32 honours). Engines
+that need one rank for every module get `pad_to=R`: every module padded with zero rows/columns
+to rank R — still exact. `engine="vllm"` refuses, before writing, what vLLM would refuse
+(`s2ft.integrations.vllm`).
 """
 
 from __future__ import annotations
@@ -49,16 +50,39 @@ def lora_factors(parts: dict[str, torch.Tensor], shape: tuple[int, int]) -> tupl
     return torch.cat(a_blocks, 0), torch.cat(b_blocks, 1)  # (r, in), (out, r)
 
 
+class ExportError(ValueError):
+    """The export would not load (or not compute the same function) where it is going."""
+
+
 def export_lora(
-    adapter_path: str | os.PathLike, out_dir: str | os.PathLike, pad_to: int | None = None, max_rank: int | None = None
+    adapter_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    pad_to: int | None = None,
+    max_rank: int | None = None,
+    engine: str = "peft",
+    max_lora_rank: int | None = None,
 ) -> dict[str, Any]:
     """Write `out_dir/adapter_config.json` + `adapter_model.safetensors`; return a report with
-    the rank of every module."""
+    the rank of every module and, under "vllm", what vLLM would refuse.
+
+    `engine="vllm"` checks vLLM's LoRA limits first (`s2ft.integrations.vllm`; `max_lora_rank`:
+    the engine's `--max-lora-rank`, None for its largest) and raises `ExportError` naming every
+    limit the adapter hits and the flag that fixes it; nothing is written then."""
+    from s2ft.integrations.vllm import report as vllm_report
+
+    if engine not in ("peft", "vllm"):
+        raise ValueError(f"engine must be 'peft' or 'vllm', got {engine!r}")
     meta, modules = read_adapter(adapter_path)
     ranks = {path: info.get("rows", 0) + info.get("cols", 0) for path, info in meta["modules"].items()}
     ranks = {p: r for p, r in ranks.items() if r}
     if not ranks:
         raise AdapterError(f"{adapter_path}: the adapter trains nothing; there is nothing to export")
+    lora_bias = any("row_bias" in modules[p] for p in ranks)
+    vllm = vllm_report(meta, ranks, lora_bias, max_lora_rank)
+    if engine == "vllm" and vllm:
+        raise ExportError(
+            f"{adapter_path}: vLLM would refuse this export:\n  - " + "\n  - ".join(vllm) + "\nnothing was written"
+        )
     top = max(ranks.values())
     if max_rank is not None and top > max_rank:
         worst = max(ranks, key=ranks.get)
@@ -132,4 +156,6 @@ def export_lora(
         "lora_bias": has_bias,
         "parameters": sum(t.numel() for t in tensors.values()),
         "ranks": ranks,
+        "vllm": vllm,
+        "base": meta["base_model"].get("name_or_path"),
     }

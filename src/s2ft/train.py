@@ -84,6 +84,11 @@ class TrainArgs:
         default="uniform",
         metadata={"help": "uniform, increasing, decreasing, random_one, or comma-separated per-layer weights"},
     )
+    train_bias: bool = field(
+        default=True,
+        metadata={"help": "S²FT: also train the bias of trained rows where the base has one (vLLM serves no LoRA "
+                  "bias: --no-train-bias)"},
+    )  # fmt: skip
     calib_samples: int = field(
         default=64, metadata={"help": "training records used to score data-dependent strategies"}
     )
@@ -442,6 +447,7 @@ def s2ft_config(args: TrainArgs):
         order=args.order,
         seed=args.seed,
         layer_allocation=alloc,
+        train_bias=args.train_bias,
     )
 
 
