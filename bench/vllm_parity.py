@@ -81,14 +81,16 @@ def family_config(name: str):
     common = dict(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                   num_attention_heads=4, max_position_embeddings=512, initializer_range=0.2,
                   tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2)  # fmt: skip
+    tied = {**common, "tie_word_embeddings": True}
     configs = {
         "tiny": lambda: T.LlamaConfig(**common, num_key_value_heads=2),  # the LLaMA of the quick check
         "mistral": lambda: T.MistralConfig(**common, num_key_value_heads=2, sliding_window=None),
         "qwen2": lambda: T.Qwen2Config(**common, num_key_value_heads=2),
         "qwen3": lambda: T.Qwen3Config(**common, num_key_value_heads=2, head_dim=64),
-        "gemma": lambda: T.GemmaConfig(**common, num_key_value_heads=1, head_dim=64),
-        "gemma2": lambda: T.Gemma2Config(**common, num_key_value_heads=2, head_dim=64),
-        "gemma3": lambda: T.Gemma3TextConfig(**common, num_key_value_heads=1, head_dim=64),
+        # Gemma ties its embeddings, and vLLM's Gemma classes assume it (no lm_head to load)
+        "gemma": lambda: T.GemmaConfig(**tied, num_key_value_heads=1, head_dim=64),
+        "gemma2": lambda: T.Gemma2Config(**tied, num_key_value_heads=2, head_dim=64),
+        "gemma3": lambda: T.Gemma3TextConfig(**tied, num_key_value_heads=1, head_dim=64),
         "phi3": lambda: T.Phi3Config(**common, num_key_value_heads=2),
         "opt": lambda: T.OPTConfig(
             **{k: v for k, v in common.items() if k != "intermediate_size"},
@@ -325,7 +327,13 @@ def main(argv: list[str] | None = None) -> int:
                                  text=True, check=True).stdout.strip()  # fmt: skip
         names = args.models.split(",") if args.models != "all" else ["tiny", "smollm2", *FAMILIES]
         bases = base_models(work, names)
-        reports = [check_model(n, b, py, args, work) for n, b in bases.items()]
+        reports = []
+        for n, b in bases.items():
+            try:
+                reports.append(check_model(n, b, py, args, work))
+            except RuntimeError as e:  # one model's failure is reported, the others still run
+                print(f"{n}: {e}", file=sys.stderr)
+                reports.append({"model": n, "error": str(e)[-2000:], "checks": []})
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -335,8 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     bad = sum(len(c["mismatches"]) for r in reports for c in r["checks"] if c["mode"] != SLOTS_FULL)
-    print(f"{'all requests equal' if not bad else f'{bad} requests differ'}; wrote {args.out}")
-    return 1 if bad else 0
+    failed = [r["model"] for r in reports if "error" in r]
+    print(f"{bad} requests differ, failed: {failed or 'none'}; wrote {args.out}")
+    return 1 if bad or failed else 0
 
 
 if __name__ == "__main__":

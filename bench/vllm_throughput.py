@@ -1,7 +1,7 @@
 """Throughput of the same multi-adapter workload through vLLM (S²FT adapters exported as LoRA)
 and through `s2ft serve --schedule mixed`, one after the other on this machine.
 
-    python bench/vllm_throughput.py --vllm-python ~/venvs/vllm/bin/python      # SmolLM2-135M, 1 and 4 adapters
+    python bench/vllm_throughput.py --vllm-python ~/venvs/vllm/bin/python      # SmolLM2-135M, 1 and 4 adapters, ~25 min
     python bench/vllm_throughput.py --smoke --vllm-python ...                    # a few requests (a check)
 
 Workload, identical for both servers: `--requests` completions (ARC-Easy held-out prompts,
@@ -9,7 +9,9 @@ greedy, at most `--max-tokens` tokens) for the base model and the N adapters rou
 `--clients` concurrent clients over loopback (httpx). Both compute in float32 on the CPU. vLLM:
 `--enable-lora --max-loras N+1 --max-lora-rank R --enforce-eager` (eager: no compile warm-up in
 the timing; `--max-loras` above N: see `s2ft.integrations.vllm`). s2ft: `--max-batch-size` as
-vLLM's default batch, `--batch-window-ms 20`. Reported per (server, adapters): requests/s,
+vLLM's default batch, `--batch-window-ms 20`. One more vLLM run sends every request to the base
+model without `--enable-lora`: the engine's speed without its LoRA kernels. Reported per
+(server, adapters): requests/s,
 generated tokens/s (from each response's `usage`), p50/p99 latency, and the total tokens (equal
 when both generate the same text). JSON + PNG in bench/results/vllm_throughput.*
 """
@@ -117,19 +119,21 @@ def run_s2ft(base: str, adapters: Path, names: list[str], args, work: Path) -> d
 
 
 def run_vllm(py: str, base: str, loras: dict[str, Path], rank: int, names: list[str], args, work: Path) -> dict:
+    """vLLM's OpenAI server; with no `loras`, without `--enable-lora` (the engine's own speed)."""
     port = free_port()
     cmd = [*serve_command(py), base, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
            "--enforce-eager", "--max-model-len", "1024", "--gpu-memory-utilization", "0.2", "--seed", "0",
-           "--max-num-seqs", str(args.max_batch_size), "--served-model-name", "base",
-           "--enable-lora", "--max-lora-rank", str(rank), "--max-loras", str(len(loras) + 1),
-           "--lora-modules", *[f"{n}={p}" for n, p in loras.items()]]  # fmt: skip
+           "--max-num-seqs", str(args.max_batch_size), "--served-model-name", "base"]  # fmt: skip
+    if loras:
+        cmd += ["--enable-lora", "--max-lora-rank", str(rank), "--max-loras", str(len(loras) + 1),
+                "--lora-modules", *[f"{n}={p}" for n, p in loras.items()]]  # fmt: skip
     log_path = work / "vllm_serve.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         try:
             url = f"http://127.0.0.1:{port}"
             wait_ready(url, proc, log_path, "/health")
-            return drive(url, ["base" if n == "__base__" else n for n in names], args)
+            return drive(url, names, args)
         finally:
             proc.terminate()
             try:
@@ -138,18 +142,23 @@ def run_vllm(py: str, base: str, loras: dict[str, Path], rank: int, names: list[
                 proc.kill()
 
 
+BASE_ONLY = "vLLM, base model only, no --enable-lora"
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    counts = sorted({p["adapters"] for p in result["points"]})
+    counts = sorted({p["adapters"] for p in result["points"] if p["server"] != BASE_ONLY})
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
     for server, off in (("s2ft serve --schedule mixed", -0.2), ("vLLM (exported LoRA)", 0.2)):
         pts = [next(p for p in result["points"] if p["server"] == server and p["adapters"] == n) for n in counts]
         axes[0].bar([i + off for i in range(len(counts))], [p["tokens_per_s"] for p in pts], 0.4, label=server)
         axes[1].bar([i + off for i in range(len(counts))], [p["p99_s"] for p in pts], 0.4, label=server)
+    for p in (p for p in result["points"] if p["server"] == BASE_ONLY):
+        axes[0].axhline(p["tokens_per_s"], color="gray", ls="--", lw=1, label="vLLM, no LoRA (base only)")
     for ax, ylabel in ((axes[0], "generated tokens/s"), (axes[1], "p99 latency (s)")):
         ax.set_xticks(range(len(counts)), [str(c) for c in counts])
         ax.set_xlabel("adapters served")
@@ -166,11 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vllm-python", help="python of the vLLM virtual environment (default: $S2FT_VLLM_PYTHON)")
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--adapters", default="1,4", help="adapter counts")
-    ap.add_argument("--requests", type=int, default=96)
+    ap.add_argument("--requests", type=int, default=48)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--ffn-ratio", type=float, default=0.03)
+    ap.add_argument("--no-base-only", dest="base_only", action="store_false",
+                    help="skip the vLLM run without LoRA (all requests to the base)")  # fmt: skip
     ap.add_argument("--smoke", action="store_true", help="8 requests, 1 adapter count")
     ap.add_argument("--out", default=str(HERE / "results" / "vllm_throughput"), help="output prefix (.json, .png)")
     args = ap.parse_args(argv)
@@ -188,10 +199,16 @@ def main(argv: list[str] | None = None) -> int:
     points = []
     with tempfile.TemporaryDirectory(prefix="s2ft-vllm-tp-") as tmp:
         work = Path(tmp)
+        if args.base_only:  # the same workload, every request to the base, no LoRA machinery
+            print(f"0 adapters, {BASE_ONLY} ...", flush=True)
+            point = run_vllm(py, base, {}, 0, ["base"], args, work)
+            point.update(server=BASE_ONLY, adapters=0)
+            print(f"  {point['requests_per_s']:.2f} req/s, {point['tokens_per_s']:.1f} tok/s", flush=True)
+            points.append(point)
         for n in [int(x) for x in args.adapters.split(",")]:
             adapters = work / f"s2ft-{n}"
             make_adapters(base, adapters, n, args.ffn_ratio)
-            names = ["__base__", *[f"a{i}" for i in range(n)]]
+            names = ["base", *[f"a{i}" for i in range(n)]]  # the base: s2ft serve's name, vLLM --served-model-name
             loras, ranks = {}, []
             for i in range(n):
                 loras[f"a{i}"] = work / f"lora-{n}" / f"a{i}"
