@@ -270,7 +270,8 @@ def test_cli_merge_fuse_export(tmp_path, capsys):
     assert main(["fuse", str(tmp_path / "a"), str(tmp_path / "b"), "--weights", "1", "-o", out]) == 2
 
     assert main(["export-lora", str(tmp_path / "a"), str(tmp_path / "lora")]) == 0
-    assert "--pad-to" in capsys.readouterr().out
+    out = capsys.readouterr().out  # per-module ranks (rank_pattern, which vLLM honours), and how to serve it
+    assert "(rank_pattern)" in out and "vllm serve" in out and "--max-loras 2" in out
     assert main(["export-lora", str(tmp_path / "nope"), str(tmp_path / "lora2")]) == 2
     assert "no such adapter" in capsys.readouterr().err
 
