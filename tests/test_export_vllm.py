@@ -64,6 +64,8 @@ def test_rank_above_max_lora_rank_names_the_serve_flag(tmp_path):
         export_lora(adapter, tmp_path / "lora", engine="vllm", max_lora_rank=below)
     assert not (tmp_path / "lora").exists()
     export_lora(adapter, tmp_path / "lora", engine="vllm", max_lora_rank=fits)
+    with pytest.raises(ExportError, match=rf"needs LoRA rank {fits * 2} > vLLM --max-lora-rank {fits}"):
+        export_lora(adapter, tmp_path / "padded", engine="vllm", max_lora_rank=fits, pad_to=fits * 2)  # as written
     with pytest.raises(ExportError, match=r"vLLM accepts only 1, 8, 16"):
         export_lora(adapter, tmp_path / "odd", engine="vllm", max_lora_rank=fits + 1)
 

@@ -78,7 +78,8 @@ def export_lora(
     if not ranks:
         raise AdapterError(f"{adapter_path}: the adapter trains nothing; there is nothing to export")
     lora_bias = any("row_bias" in modules[p] for p in ranks)
-    vllm = vllm_report(meta, ranks, lora_bias, max_lora_rank)
+    stored = {p: max(r, pad_to or 0) for p, r in ranks.items()}  # the ranks as written (padded)
+    vllm = vllm_report(meta, stored, lora_bias, max_lora_rank)
     if engine == "vllm" and vllm:
         raise ExportError(
             f"{adapter_path}: vLLM would refuse this export:\n  - " + "\n  - ".join(vllm) + "\nnothing was written"
