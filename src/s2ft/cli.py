@@ -100,7 +100,7 @@ def _export_lora(args: argparse.Namespace) -> int:
         args.output,
         pad_to=args.pad_to,
         max_rank=args.max_rank,
-        engine=getattr(args, "for_engine", "peft"),
+        engine=args.for_engine,
         max_lora_rank=args.max_lora_rank,
     )
     rank = report["uniform_rank"] or f"{report['rank_min']}..{report['rank_max']} (rank_pattern)"

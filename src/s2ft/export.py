@@ -95,7 +95,6 @@ def export_lora(
         raise ValueError(f"pad_to={pad_to} is below the largest module rank {top}")
 
     tensors: dict[str, torch.Tensor] = {}
-    has_bias = False
     for path, info in meta["modules"].items():
         if path not in ranks:
             continue
@@ -109,11 +108,10 @@ def export_lora(
         tensors[f"{key}.lora_A.weight"] = a.contiguous()
         tensors[f"{key}.lora_B.weight"] = b.contiguous()
         if "row_bias" in parts:
-            has_bias = True
             bias = torch.zeros(info["shape"][0], dtype=b.dtype)
             bias[parts["row_idx"]] = parts["row_bias"].to(b.dtype)
             tensors[f"{key}.lora_B.bias"] = bias
-    if has_bias:  # PEFT creates lora_B with a bias on every targeted module: zeros where untrained
+    if lora_bias:  # PEFT creates lora_B with a bias on every targeted module: zeros where untrained
         for path in ranks:
             tensors.setdefault(f"base_model.model.{path}.lora_B.bias", torch.zeros(meta["modules"][path]["shape"][0]))
 
@@ -130,7 +128,7 @@ def export_lora(
         "target_modules": sorted(ranks),
         "lora_dropout": 0.0,
         "bias": "none",
-        "lora_bias": has_bias,
+        "lora_bias": lora_bias,
         "fan_in_fan_out": base.get("model_type") == "gpt2",
         "use_rslora": False,
         "use_dora": False,
@@ -154,7 +152,7 @@ def export_lora(
         "rank_min": min(ranks.values()),
         "rank_max": top,
         "uniform_rank": uniform,
-        "lora_bias": has_bias,
+        "lora_bias": lora_bias,
         "parameters": sum(t.numel() for t in tensors.values()),
         "ranks": ranks,
         "vllm": vllm,
