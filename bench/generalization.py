@@ -1,29 +1,36 @@
-"""The generalization study: does S²FT learn the task as well as LoRA and forget less than
-LoRA and full fine-tuning? (SPEC §6, rebuttal Table R1.)
+"""The generalization study: does S²FT learn the task as well as LoRA/DoRA and forget less than
+LoRA, DoRA and full fine-tuning? (SPEC §6, rebuttal Table R1.) Version 2: log-likelihood
+in-domain accuracy, learning rates chosen by validation accuracy, several seeds, two models.
 
-On SmolLM2-135M-Instruct, S²FT, LoRA (the same trainable-parameter count, `--match-params`)
-and full fine-tuning train on the same subset of `train/commonsense_partial_4tasks.json`
-(BoolQ, ARC-e, ARC-c, OBQA), with the same samples, seed, batch, steps and linear schedule.
-The learning rate of each method is picked by validation loss from a short sweep on a smaller
-subset, and the sweep is reported. The base model and every fine-tuned model are then
-evaluated on:
-- in-domain: the test sets of BoolQ, ARC-Easy, ARC-Challenge and OpenBookQA;
-- unseen tasks: PIQA, SIQA, WinoGrande, HellaSwag;
-- far out-of-domain: an MMLU subset and WikiText-2 perplexity.
+For one model (`--model smollm2` or `gemma3-270m`, both from PyPI wheels), S²FT, LoRA and DoRA
+(the same trainable-parameter count, `--match-params`) and full fine-tuning train on the same
+seeded subset of the BoolQ/ARC-e/ARC-c/OBQA training files (the paper's label-format responses,
+Alpaca prompt), with the same batch, steps, schedule and seeds. Then every model is evaluated on
+the same seeded questions:
+- in-domain (BoolQ, ARC-e, ARC-c, OBQA): log-likelihood accuracy (`X:ll`: lm-evaluation-
+  harness's zero-shot prompts, the main column) and the generation protocol (second column);
+- unseen tasks (PIQA, SIQA, WinoGrande): log-likelihood accuracy;
+- far out-of-domain: WikiText-2 perplexity, HellaSwag log-likelihood (sentence completion, a
+  language-modelling probe), MMLU zero-shot (marked where it is at chance).
+Every accuracy comes with the majority-label baseline and the entropy of the predicted labels.
 
-Every step is a `s2ft train` or `s2ft eval` subprocess writing into `--out`. A finished step is
-skipped on rerun, so the study resumes where it stopped. The summary (JSON, markdown table,
-plot) is rebuilt at the end.
+Stages, in this order so that a partial run already compares every method on one seed:
+1. sweep: each method × each learning rate of `SWEEP`, seed 0, `--sweep-steps` on the first
+   `--sweep-samples` records; the rate with the best validation accuracy (log-likelihood on
+   `--val-per-task` held-out training questions of each in-domain task) is chosen per method;
+2. for each seed: every method trains `--steps` at its chosen rate and is evaluated (the base
+   model once, before).
+Intervals of differences are a paired bootstrap over both seeds and questions.
 
-    python bench/generalization.py --data-dir ../shared/data          # the study (about 2 h on 2 cores)
-    python bench/generalization.py --smoke                             # tiny model and data (CI)
+Every step is an `s2ft train` or `s2ft eval` subprocess writing into `--out`; a finished step
+is skipped on rerun, so the study resumes where it stopped (the settings are kept in
+`settings.json`; resuming with other ones is refused). `--report-only` writes the report from
+the finished steps without running more (seeds count once every method has them).
 
-The defaults are sized for two hours on 2 CPU cores: a sweep of 3 methods × 3 learning rates ×
-25 steps on 200 samples, a final training of 3 × 120 steps × 8 sequences, and an evaluation of
-4 models × 8 tasks × 100 questions plus 100 MMLU questions and 20k tokens of WikiText-2. Each
-step's wall time goes to `timings.json`; the report sums them per stage (docs/RESULTS.md).
-The settings are stored in `settings.json`: resuming with other settings is refused, because
-finished steps are recognised by name only.
+    python bench/generalization.py --model smollm2 --data-dir ../shared/data      # about 3 h on 2 cores
+    python bench/generalization.py --model gemma3-270m --data-dir ../shared/data
+    python bench/generalization.py --model smollm2 --report-only                 # report what is done
+    python bench/generalization.py --smoke                                        # tiny model and data (CI)
 """
 
 from __future__ import annotations
@@ -37,16 +44,27 @@ import time
 from pathlib import Path
 
 IN_DOMAIN = ["boolq", "ARC-Easy", "ARC-Challenge", "openbookqa"]
-UNSEEN = ["piqa", "social_i_qa", "winogrande", "hellaswag"]
-FAR = ["mmlu", "wikitext2"]
-METHODS = ["s2ft", "lora", "full"]
-SWEEP = {"s2ft": [5e-4, 1e-3, 2e-3], "lora": [5e-4, 1e-3, 2e-3], "full": [2e-5, 5e-5, 1e-4]}
+UNSEEN = ["piqa", "social_i_qa", "winogrande"]
+METHODS = ["s2ft", "lora", "dora", "full"]
+NAMES = {"base": "base", "s2ft": "S²FT", "lora": "LoRA", "dora": "DoRA", "full": "full FT"}
+SWEEP = {"s2ft": [5e-4, 1e-3, 2e-3], "lora": [5e-4, 1e-3, 2e-3], "dora": [5e-4, 1e-3, 2e-3], "full": [2e-5, 5e-5, 1e-4]}
+LL = ":ll"
+
+
+def groups(in_domain: list[str], unseen: list[str]) -> dict[str, list[str]]:
+    """Report groups -> their evaluation tasks (accuracy tasks first; `wikitext2` is perplexity)."""
+    return {
+        "in-domain (log-likelihood)": [t + LL for t in in_domain],
+        "in-domain (generation)": list(in_domain),
+        "unseen tasks (log-likelihood)": [t + LL for t in unseen],
+        "far OOD": ["hellaswag" + LL, "mmlu", "wikitext2"],
+    }
 
 
 # the options that change a result: a run resumed with other values would mix two studies
 RESULT_SETTINGS = (
-    "data_dir", "model", "train_samples", "sweep_samples", "val_samples", "steps", "sweep_steps",
-    "batch_size", "eval_limit", "ppl_tokens", "ffn_ratio", "seed", "smoke",
+    "data_dir", "model", "train_samples", "sweep_samples", "val_per_task", "steps", "sweep_steps", "batch_size",
+    "eval_limit", "ppl_tokens", "ffn_ratio", "seeds", "smoke",
 )  # fmt: skip
 
 
@@ -86,10 +104,10 @@ def sh(cmd: list[str], log: Path, step: str) -> None:
 
 
 def stage_minutes(timings: dict[str, float]) -> dict[str, float]:
-    """Wall minutes per stage (steps are named sweep/…, train/…, eval/…) and in total."""
-    minutes = {stage: 0.0 for stage in ("sweep", "train", "eval")}
+    """Wall minutes per stage (steps are named sweep/…, valacc/…, train/…, eval/…) and in total."""
+    minutes = {stage: 0.0 for stage in ("sweep", "valacc", "train", "eval")}
     for step, seconds in timings.items():
-        minutes[step.split("/")[0]] += seconds / 60
+        minutes[step.split("/")[0]] = minutes.get(step.split("/")[0], 0.0) + seconds / 60
     minutes["total"] = sum(minutes.values())
     return {k: round(v, 1) for k, v in minutes.items()}
 
@@ -108,270 +126,429 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
+def split_data(data_dir: Path, out: Path, args: argparse.Namespace, in_domain: list[str]) -> None:
+    """Held-out validation questions per in-domain task (`valdata/`, laid out like data_dir) and
+    a seeded training subset of the rest (`train.jsonl`, its prefix `sweep.jsonl`)."""
+    rng = random.Random(0)  # the data split does not change with the training seed
+    pool, val = [], []
+    for task in in_domain:
+        records = json.loads((data_dir / "train" / f"{task}_train.json").read_text())
+        order = rng.sample(range(len(records)), len(records))
+        held = [records[i] for i in order[: args.val_per_task]]
+        val += held
+        pool += [records[i] for i in order[args.val_per_task :]]
+        d = out / "valdata" / "test" / "commonsense" / task
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "test.json").write_text(json.dumps(held))
+    train = [pool[i] for i in rng.sample(range(len(pool)), min(args.train_samples, len(pool)))]
+    write_jsonl(out / "train.jsonl", train)
+    write_jsonl(out / "sweep.jsonl", train[: args.sweep_samples])
+    write_jsonl(out / "val.jsonl", val)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", default="../shared/data")
-    ap.add_argument("--model", default="smollm2")
-    ap.add_argument(
-        "--out",
-        default="~/.cache/s2ft/generalization",
-        help="working directory for the runs (about 1 GB: the full-FT model, adapters, evaluations)",
-    )
-    ap.add_argument("--train-samples", type=int, default=960)
-    ap.add_argument("--sweep-samples", type=int, default=200)
-    ap.add_argument("--val-samples", type=int, default=100)
-    ap.add_argument("--steps", type=int, default=120)
-    ap.add_argument("--sweep-steps", type=int, default=25)
+    ap.add_argument("--model", default="smollm2", help="smollm2, gemma3-270m, or any s2ft --model")
+    ap.add_argument("--out", help="working directory (default: ~/.cache/s2ft/generalization-v2/<model>)")
+    ap.add_argument("--train-samples", type=int, default=480)
+    ap.add_argument("--sweep-samples", type=int, default=160)
+    ap.add_argument("--val-per-task", type=int, default=50, help="held-out training questions per in-domain task")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--sweep-steps", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--eval-limit", type=int, default=100, help="questions per task, MMLU included")
+    ap.add_argument("--eval-limit", type=int, default=100, help="questions per task (every task, MMLU included)")
     ap.add_argument("--ppl-tokens", type=int, default=20000)
     ap.add_argument("--ffn-ratio", type=float, default=0.03)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0,1,2", help="training seeds (comma-separated)")
+    ap.add_argument("--report-only", action="store_true", help="write the report from the finished steps")
     ap.add_argument("--smoke", action="store_true", help="tiny model and data, a few steps (CI)")
     args = ap.parse_args()
-    out = Path(args.out).expanduser()
+    out = Path(args.out or f"~/.cache/s2ft/generalization-v2/{args.model}").expanduser()
     out.mkdir(parents=True, exist_ok=True)
     log = out / "steps.log"
-    in_domain, unseen, far = IN_DOMAIN, UNSEEN, FAR
+    in_domain, unseen = IN_DOMAIN, UNSEEN
     if args.smoke:
         args.model, args.data_dir = smoke_setup(out)
-        args.train_samples, args.sweep_samples, args.val_samples, args.steps, args.sweep_steps = 16, 8, 4, 3, 2
-        args.batch_size, args.eval_limit, args.ppl_tokens, args.ffn_ratio = 2, 4, 200, 0.25
-        in_domain, unseen = ["ARC-Easy"], ["openbookqa"]
+        args.train_samples, args.sweep_samples, args.val_per_task, args.steps, args.sweep_steps = 16, 8, 3, 3, 2
+        args.batch_size, args.eval_limit, args.ppl_tokens, args.ffn_ratio, args.seeds = 2, 4, 200, 0.25, "0,1"
+        in_domain, unseen = ["ARC-Easy", "openbookqa"], ["piqa"]
         SWEEP.update({m: SWEEP[m][:2] for m in SWEEP})
+    seeds = [int(s) for s in args.seeds.split(",")]
     check_settings(out, args)
     data_dir = Path(args.data_dir)
+    tasks = [t for g in groups(in_domain, unseen).values() for t in g]
+    if not args.report_only:
+        run(out, log, args, data_dir, in_domain, seeds, tasks)
+    report(out, args, in_domain, unseen, seeds)
 
-    # 1. data: disjoint seeded subsets for training, the sweep and validation
-    train_file = data_dir / "train" / "commonsense_partial_4tasks.json"
-    records = json.loads(train_file.read_text())
-    order = random.Random(args.seed).sample(range(len(records)), len(records))
-    val = [records[i] for i in order[: args.val_samples]]
-    rest = order[args.val_samples :]
-    train = [records[i] for i in rest[: args.train_samples]]
-    sweep = train[: args.sweep_samples]  # the sweep sees a prefix of the training subset
-    for name, recs in (("train", train), ("sweep", sweep), ("val", val)):
-        write_jsonl(out / f"{name}.jsonl", recs)
 
-    common = ["--model", args.model, "--template", "alpaca", "--max-length", "256", "--seed", str(args.seed)]
-    common += ["--batch-size", str(args.batch_size), "--lr-scheduler", "linear", "--val-data", str(out / "val.jsonl")]
-    common += ["--ffn-ratio", str(args.ffn_ratio), "--lora-modules", "q,k,v,up,down", "--logging-steps", "5"]
+def run(out, log, args, data_dir, in_domain, seeds, tasks) -> None:
+    split_data(data_dir, out, args, in_domain)
+    common = [
+        "--model",
+        args.model,
+        "--template",
+        "alpaca",
+        "--max-length",
+        "256",
+        "--batch-size",
+        str(args.batch_size),
+    ]
+    common += ["--lr-scheduler", "linear", "--val-data", str(out / "val.jsonl"), "--ffn-ratio", str(args.ffn_ratio)]
+    common += ["--lora-modules", "q,k,v,up,down", "--logging-steps", "5"]
 
     def method_flags(m: str) -> list[str]:
-        return ["--method", m] + (["--match-params"] if m == "lora" else [])
+        return ["--method", m] + (["--match-params"] if m in ("lora", "dora") else [])
 
-    # 2. learning-rate sweep on the small subset, picked by validation loss
-    sweep_result: dict[str, dict[str, float]] = {}
+    def evaluate(name: str, run_dir: Path | None, method: str | None, task_list: list[str], data: Path, dest: Path):
+        flags = ["--model", str(run_dir / "model") if method == "full" else args.model]
+        if method in ("s2ft", "lora", "dora"):
+            flags += ["--adapter", str(run_dir / "adapter")]
+        flags += ["--tasks", ",".join(task_list), "--data-dir", str(data), "--limit", str(args.eval_limit)]
+        flags += ["--seed", "0", "--mmlu-subjects", "57", "--ppl-tokens", str(args.ppl_tokens)]
+        flags += ["--output-dir", str(dest)]
+        res = dest / "results.json"
+        if not (res.is_file() and len(json.loads(res.read_text())["results"]) == len(task_list)):
+            sh(cli("eval", *flags), log, name)
+
+    def train(name: str, run_dir: Path, m: str, lr: float, seed: int, data: str, steps: int) -> None:
+        if (run_dir / "summary.json").is_file():
+            return
+        flags = ["--data", str(out / data), "--output-dir", str(run_dir), "--max-steps", str(steps)]
+        flags += ["--warmup-steps", str(max(1, steps // 10)), "--save-steps", str(max(1, steps // 3))]
+        flags += ["--seed", str(seed), "--learning-rate", str(lr)]
+        flags += ["--resume"] if (run_dir / "checkpoints").is_dir() else ["--overwrite"]
+        sh(cli("train", *common, *method_flags(m), *flags), log, name)
+
+    # 1. sweep: seed 0, short runs; validation accuracy by log-likelihood on held-out questions
     for m in METHODS:
-        sweep_result[m] = {}
         for lr in SWEEP[m]:
-            run = out / "sweep" / f"{m}-lr{lr:g}"
-            if not (run / "summary.json").is_file():
-                steps = str(args.sweep_steps)
-                flags = ["--data", str(out / "sweep.jsonl"), "--output-dir", str(run), "--max-steps", steps]
-                flags += ["--warmup-steps", str(max(1, args.sweep_steps // 10)), "--save-steps", steps]
-                cmd = cli("train", *common, *method_flags(m), *flags, "--learning-rate", str(lr), "--overwrite")
-                sh(cmd, log, f"sweep/{m}-lr{lr:g}")
-            sweep_result[m][f"{lr:g}"] = json.loads((run / "summary.json").read_text())["val_loss_after"]
-    best = {m: float(min(v, key=v.get)) for m, v in sweep_result.items()}
-    print("learning rates chosen by validation loss:", best, flush=True)
+            run_dir = out / "sweep" / f"{m}-lr{lr:g}"
+            train(f"sweep/{m}-lr{lr:g}", run_dir, m, lr, 0, "sweep.jsonl", args.sweep_steps)
+            evaluate(f"valacc/{m}-lr{lr:g}", run_dir, m, [t + LL for t in in_domain], out / "valdata", run_dir / "val")
+    best = chosen_rates(out)
+    print("learning rates chosen by validation accuracy:", best, flush=True)
 
-    # 3. final training: same samples, seed, batch, steps and schedule for every method
-    summaries = {}
+    # 2. per seed: every method at its rate, then evaluated (the base model once, first)
+    evaluate("eval/base", None, None, tasks, data_dir, out / "eval" / "base")
+    for seed in seeds:
+        for m in METHODS:
+            run_dir = out / "train" / f"{m}-s{seed}"
+            train(f"train/{m}-s{seed}", run_dir, m, best[m], seed, "train.jsonl", args.steps)
+            evaluate(f"eval/{m}-s{seed}", run_dir, m, tasks, data_dir, out / "eval" / f"{m}-s{seed}")
+            if m == "full":  # keep the evaluation, drop the 0.5-1 GB model copy
+                import shutil
+
+                shutil.rmtree(run_dir / "model", ignore_errors=True)
+                shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+
+
+def sweep_table(out: Path) -> dict[str, dict[str, dict]]:
+    """method -> rate -> {val_acc (mean over in-domain tasks, log-likelihood), val_loss}."""
+    table: dict[str, dict[str, dict]] = {}
     for m in METHODS:
-        run = out / "train" / m
-        if not (run / "summary.json").is_file():
-            flags = ["--data", str(out / "train.jsonl"), "--output-dir", str(run), "--max-steps", str(args.steps)]
-            flags += ["--warmup-steps", str(max(1, args.steps // 10)), "--save-steps", str(max(1, args.steps // 3))]
-            resume = ["--resume"] if (run / "checkpoints").is_dir() else ["--overwrite"]
-            sh(
-                cli("train", *common, *method_flags(m), *flags, "--learning-rate", str(best[m]), *resume),
-                log,
-                f"train/{m}",
-            )
-        summaries[m] = json.loads((run / "summary.json").read_text())
-
-    # 4. evaluation of the base model and each fine-tuned one
-    tasks = ",".join([*in_domain, *unseen, *far])
-    evals = {}
-    for name in ["base", *METHODS]:
-        flags = ["--model", args.model if name != "full" else str(out / "train" / "full" / "model")]
-        if name in ("s2ft", "lora"):
-            flags += ["--adapter", str(out / "train" / name / "adapter")]
-        flags += [
-            "--tasks",
-            tasks,
-            "--data-dir",
-            str(data_dir),
-            "--limit",
-            str(args.eval_limit),
-            "--seed",
-            str(args.seed),
-        ]
-        flags += [
-            "--mmlu-subjects",
-            "57",
-            "--ppl-tokens",
-            str(args.ppl_tokens),
-            "--output-dir",
-            str(out / "eval" / name),
-        ]
-        res_file = out / "eval" / name / "results.json"
-        done = res_file.is_file() and len(json.loads(res_file.read_text())["results"]) == len(tasks.split(","))
-        if not done:
-            sh(cli("eval", *flags), log, f"eval/{name}")
-        evals[name] = json.loads(res_file.read_text())["results"]
-
-    report(out, args, sweep_result, best, summaries, evals, in_domain, unseen, far)
+        for lr in SWEEP[m]:
+            d = out / "sweep" / f"{m}-lr{lr:g}"
+            res, summ = d / "val" / "results.json", d / "summary.json"
+            if not (res.is_file() and summ.is_file()):
+                continue
+            accs = [r["accuracy"] for r in json.loads(res.read_text())["results"].values()]
+            table.setdefault(m, {})[f"{lr:g}"] = {
+                "val_acc": sum(accs) / len(accs),
+                "val_loss": json.loads(summ.read_text()).get("val_loss_after"),
+            }
+    return table
 
 
-def report(out, args, sweep_result, best, summaries, evals, in_domain, unseen, far) -> None:
-    groups = {"in-domain": in_domain, "unseen tasks": unseen, "far OOD": far}
+def chosen_rates(out: Path) -> dict[str, float]:
+    """Per method, the rate with the highest validation accuracy (ties: the lower validation loss)."""
+    table = sweep_table(out)
+    return {
+        m: float(max(v, key=lambda lr: (round(v[lr]["val_acc"], 6), -(v[lr]["val_loss"] or 0.0))))
+        for m, v in table.items()
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def load_eval(out: Path, name: str) -> dict | None:
+    res = out / "eval" / name / "results.json"
+    return json.loads(res.read_text())["results"] if res.is_file() else None
+
+
+def per_example(out: Path, name: str, task: str) -> list[float]:
+    """Per-question correctness in points (0 or 100) of an accuracy task, or per-window NLL of a
+    perplexity one, of one model."""
+    from s2ft.evaluation import rows_file
+
+    rows = [json.loads(x) for x in (out / "eval" / name / rows_file(task)).read_text().splitlines()]
+    return [float(r["nll"]) for r in rows] if task == "wikitext2" else [100.0 * r["correct"] for r in rows]
+
+
+def bootstrap_delta(a: list, b: list, rounds: int = 2000, seed: int = 0) -> dict:
+    """Mean over seeds and tasks of metric(a) - metric(b), with a 95% interval from a paired
+    bootstrap over both: each round resamples the seed pairs and, per task, the questions.
+
+    `a`, `b`: per seed, per task, the per-question values (numpy-able); seeds are paired by
+    index (method a and method b trained with the same seed); a model without seeds (the base)
+    is given as one entry and is paired with every seed of the other."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    S = max(len(a), len(b))
+    A = [a[min(i, len(a) - 1)] for i in range(S)]
+    B = [b[min(i, len(b) - 1)] for i in range(S)]
+    T = len(A[0])
+    diffs = [[np.asarray(A[s][t]) - np.asarray(B[s][t]) for t in range(T)] for s in range(S)]  # S x T x (n_t,)
+    point = float(np.mean([np.mean([d.mean() for d in diffs[s]]) for s in range(S)]))
+    stats = np.zeros(rounds)
+    for k in range(rounds):
+        ss = rng.integers(0, S, size=S)
+        per_task = []
+        for t in range(T):
+            n = len(diffs[0][t])
+            q = rng.integers(0, n, size=n)
+            per_task.append(np.mean([diffs[s][t][q].mean() for s in ss]))
+        stats[k] = np.mean(per_task)
+    lo, hi = np.percentile(stats, [2.5, 97.5])
+    return {"delta": point, "ci95": [float(lo), float(hi)], "seeds": S, "tasks": T}
+
+
+def verdict(ci: list[float], better_is_lower: bool = False) -> str:
+    """Whether a claim "S²FT is better" held, from the 95% interval of S²FT's difference."""
+    lo, hi = (-ci[1], -ci[0]) if better_is_lower else ci
+    if lo > 0:
+        return "held: the interval excludes 0, in S²FT's favour"
+    if hi < 0:
+        return "did not hold: the interval excludes 0, against S²FT"
+    return "not shown: the interval covers 0"
+
+
+def report(out: Path, args, in_domain: list[str], unseen: list[str], seeds: list[int]) -> None:
+    grp = groups(in_domain, unseen)
+    base = load_eval(out, "base")
+    done = [s for s in seeds if all(load_eval(out, f"{m}-s{s}") for m in METHODS)]
+    if base is None or not done:
+        sys.exit(f"{out}: nothing to report yet (the base evaluation and one seed of every method are needed)")
+    names = {"base": ["base"], **{m: [f"{m}-s{s}" for s in done] for m in METHODS}}
+    evals = {n: load_eval(out, n) for ns in names.values() for n in ns}
+    models = list(names)
+
+    def mean_over(m: str, task: str, key: str) -> float | None:
+        vals = [evals[n][task].get(key) for n in names[m]]
+        return None if any(v is None for v in vals) else sum(vals) / len(vals)
+
     rows = []
-    for group, tasks in groups.items():
+    for g, tasks in grp.items():
         for t in tasks:
-            base = evals["base"][t]
-            row = {"group": group, "task": t, "metric": base["metric"]}
-            for name in ["base", *METHODS]:
-                r = evals[name][t]
-                row[name] = r["perplexity"] if r["metric"] == "perplexity" else r["accuracy"]
-                if r["metric"] == "accuracy":
-                    row[f"{name}_ci95"] = r["ci95"]
-                    row["n"] = r["n"]
+            r0 = base[t]
+            row = {"group": g, "task": t, "metric": r0["metric"], "n": r0.get("n")}
+            if r0["metric"] == "perplexity":
+                row.update({m: mean_over(m, t, "perplexity") for m in models})
+            else:
+                row["majority"] = r0.get("majority_baseline")
+                for m in models:
+                    row[m] = mean_over(m, t, "accuracy")
+                    row[m + "_norm"] = mean_over(m, t, "acc_norm")
+                    row[m + "_H"] = mean_over(m, t, "pred_entropy")
+                row["entropy_max"] = r0.get("entropy_max")
             rows.append(row)
-    acc_groups = {}  # group -> its accuracy tasks (perplexity has no per-question correctness)
-    for group, tasks in groups.items():
-        if acc := [t for t in tasks if evals["base"][t]["metric"] == "accuracy"]:
-            acc_groups[group] = acc
+
+    def values(m: str, tasks: list[str]) -> list:
+        return [[per_example(out, n, t) for t in tasks] for n in names[m]]
+
+    acc_groups = {g: [t for t in ts if base[t]["metric"] == "accuracy"] for g, ts in grp.items()}
+    acc_groups = {g: ts for g, ts in acc_groups.items() if ts}
     means = {
-        group: {n: sum(evals[n][t]["accuracy"] for t in acc) / len(acc) for n in ["base", *METHODS]}
-        for group, acc in acc_groups.items()
+        g: {m: sum(mean_over(m, t, "accuracy") for t in ts) / len(ts) for m in models} for g, ts in acc_groups.items()
     }
-    pairs = [("s2ft", "base"), ("lora", "base"), ("full", "base"), ("s2ft", "lora"), ("s2ft", "full")]
-    paired = {
-        group: {f"{a}-{b}": paired_delta(out / "eval", a, b, acc) for a, b in pairs}
-        for group, acc in acc_groups.items()
+    pairs = [("s2ft", "lora"), ("s2ft", "dora"), ("s2ft", "full")] + [(m, "base") for m in METHODS]
+    deltas = {
+        g: {f"{a}-{b}": bootstrap_delta(values(a, ts), values(b, ts)) for a, b in pairs} for g, ts in acc_groups.items()
     }
+    ci_means = {}  # an interval around each group mean: its difference from a model scoring 0
+    for g, ts in acc_groups.items():
+        zero = [[[0.0] * len(q) for q in values("base", ts)[0]]]
+        ci_means[g] = {m: bootstrap_delta(values(m, ts), zero) for m in models}
+    ppl = {f"{a}-{b}": bootstrap_delta(values(a, ["wikitext2"]), values(b, ["wikitext2"])) for a, b in pairs}
+
+    from s2ft.evaluation import wilson
+
+    n_mmlu = base["mmlu"]["n"]  # at chance: inside the 95% interval of a 25% score on these questions
+    lo, hi = wilson(round(0.25 * n_mmlu), n_mmlu)
+    mmlu_at_chance = {m: lo <= mean_over(m, "mmlu", "accuracy") <= hi for m in models}
+    claims = []
+    for label, g, a, b in [
+        ("S²FT learns the trained tasks better than LoRA", "in-domain (log-likelihood)", "s2ft", "lora"),
+        ("S²FT learns the trained tasks better than DoRA", "in-domain (log-likelihood)", "s2ft", "dora"),
+        ("S²FT transfers to unseen tasks better than LoRA", "unseen tasks (log-likelihood)", "s2ft", "lora"),
+        ("S²FT transfers to unseen tasks better than full FT", "unseen tasks (log-likelihood)", "s2ft", "full"),
+        ("S²FT forgets less than LoRA (far OOD accuracy)", "far OOD", "s2ft", "lora"),
+        ("S²FT forgets less than full FT (far OOD accuracy)", "far OOD", "s2ft", "full"),
+    ]:
+        d = deltas[g][f"{a}-{b}"]
+        claims.append(
+            {"claim": label, "group": g, "delta": d["delta"], "ci95": d["ci95"], "verdict": verdict(d["ci95"])}
+        )
+    for b in ("lora", "full"):
+        d = ppl[f"s2ft-{b}"]
+        claims.append(
+            {
+                "claim": f"S²FT forgets less than {NAMES[b]} (WikiText-2 NLL per token)",
+                "group": "far OOD",
+                "delta": d["delta"],
+                "ci95": d["ci95"],
+                "verdict": verdict(d["ci95"], better_is_lower=True),
+            }
+        )
+
     timings_file = out / "timings.json"
     minutes = stage_minutes(json.loads(timings_file.read_text())) if timings_file.is_file() else None
+    summaries = {m: [json.loads((out / "train" / n / "summary.json").read_text()) for n in names[m]] for m in METHODS}
     result = {
-        "settings": vars(args),
+        "model": args.model,
+        "settings": {k: getattr(args, k) for k in RESULT_SETTINGS},
+        "seeds_done": done,
+        "seeds_planned": seeds,
         "wall_minutes": minutes,
-        "sweep_val_loss": sweep_result,
-        "chosen_lr": best,
+        "sweep": sweep_table(out),
+        "chosen_lr": chosen_rates(out),
         "training": {
             m: {
-                k: summaries[m].get(k)
-                for k in ("trainable_parameters", "train_seconds", "val_loss_after", "train_loss")
+                "trainable_parameters": summaries[m][0].get("trainable_parameters"),
+                "train_seconds_mean": sum(s.get("train_seconds", 0) for s in summaries[m]) / len(summaries[m]),
+                "val_loss_after": [s.get("val_loss_after") for s in summaries[m]],
             }
             for m in METHODS
         },
         "rows": rows,
         "group_means": means,
-        "paired_deltas": paired,
+        "group_mean_ci95": {g: {m: v["ci95"] for m, v in d.items()} for g, d in ci_means.items()},
+        "paired_deltas": deltas,
+        "wikitext2_nll_deltas": ppl,
+        "mmlu_at_chance": mmlu_at_chance,
+        "claims": claims,
     }
     write_json(out / "study.json", result)
-
-    lines = ["| group | task | base | S²FT | LoRA | full |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        if r["metric"] == "perplexity":
-            cells = [
-                f"{r[n]:.2f}" if n == "base" else f"{r[n]:.2f} ({r[n] - r['base']:+.2f})" for n in ["base", *METHODS]
-            ]
-        else:
-            cells = []
-            for n in ["base", *METHODS]:
-                lo, hi = r[f"{n}_ci95"]
-                delta = "" if n == "base" else f" ({100 * (r[n] - r['base']):+.1f})"
-                cells.append(f"{100 * r[n]:.1f} [{100 * lo:.0f}–{100 * hi:.0f}]{delta}")
-        lines.append(f"| {r['group']} | {r['task']} | " + " | ".join(cells) + " |")
-    for group, m in means.items():
-        lines.append(
-            f"| {group} | **mean** | " + " | ".join(f"**{100 * m[n]:.1f}**" for n in ["base", *METHODS]) + " |"
-        )
-    lines += ["", "Paired differences of the group mean accuracy, in points, with a 95% bootstrap interval", ""]
-    lines += ["| group | " + " | ".join(f"{a} − {b}" for a, b in pairs) + " |", "|---|" + "---|" * len(pairs)]
-    for group, d in paired.items():
-        cells = [f"{d[k]['delta']:+.1f} [{d[k]['ci95'][0]:+.1f}, {d[k]['ci95'][1]:+.1f}]" for k in d]
-        lines.append(f"| {group} | " + " | ".join(cells) + " |")
-    lines += ["", "Learning-rate sweep: validation loss after the sweep run (chosen rate in bold)", ""]
-    width = max(len(v) for v in sweep_result.values())
-    lines += ["| method | " + " | ".join(["rate → val loss"] * width) + " |", "|---|" + "---|" * width]
-    for m, losses in sweep_result.items():
-        cells = [f"**{lr} → {v:.4f}**" if float(lr) == best[m] else f"{lr} → {v:.4f}" for lr, v in losses.items()]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += ["", "| method | trainable parameters | train time (s) | final val loss |", "|---|---|---|---|"]
-    for m, sm in summaries.items():
-        val = sm.get("val_loss_after")
-        val_s = f"{val:.4f}" if val is not None else "–"
-        lines.append(f"| {m} | {sm.get('trainable_parameters', 0):,} | {sm.get('train_seconds', 0):.0f} | {val_s} |")
-    if minutes:
-        lines += [
-            "",
-            f"Wall time of the steps: sweep {minutes['sweep']:.0f} min, training {minutes['train']:.0f} min, "
-            f"evaluation {minutes['eval']:.0f} min; {minutes['total']:.0f} min in all.",
-        ]
-    table = "\n".join(lines)
-    (out / "study.md").write_text(table + "\n")
-    print("\n" + table)
-    plot(means, pooled_ci(evals, acc_groups), out / "study.png")
+    (out / "study.md").write_text(markdown(result, models) + "\n")
+    print(markdown(result, models))
+    plot(result, models, out / "study.png")
     print(f"\nwrote {out / 'study.json'}, {out / 'study.md'}, {out / 'study.png'}")
 
 
-def paired_delta(eval_dir: Path, a: str, b: str, tasks: list[str], rounds: int = 2000) -> dict:
-    """Mean over the accuracy `tasks` of accuracy(a) − accuracy(b), in points, with a paired bootstrap 95% CI.
-
-    Every model answered the same questions (the same seeded subset), so each bootstrap round
-    resamples question indices per task and applies them to both models' per-example results.
-    """
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    deltas = np.zeros(rounds)
-    point = 0.0
-    for t in tasks:
-        ca, cb = (
-            [json.loads(x)["correct"] for x in (eval_dir / m / f"{t}.jsonl").read_text().splitlines()] for m in (a, b)
+def markdown(r: dict, models: list[str]) -> str:
+    done, planned = r["seeds_done"], r["seeds_planned"]
+    lines = [
+        f"Model `{r['model']}`; seeds done: {', '.join(map(str, done))} of {', '.join(map(str, planned))}. "
+        "Accuracy in % (mean over seeds) with, in parentheses, the entropy of the predicted labels in bits "
+        "(near 0: one label for every question); `majority` is the accuracy of always answering the commonest "
+        "label. `:ll` = log-likelihood (lm-eval's prompts, acc); no suffix = the generation protocol.",
+        "",
+        "| group | task | majority | " + " | ".join(NAMES[m] for m in models) + " |",
+        "|---|---|---|" + "---|" * len(models),
+    ]
+    for row in r["rows"]:
+        if row["metric"] == "perplexity":
+            cells = [f"{row[m]:.2f}" for m in models]
+            lines.append(f"| {row['group']} | {row['task']} (ppl) | – | " + " | ".join(cells) + " |")
+            continue
+        cells = [
+            f"{100 * row[m]:.1f} ({row[m + '_H']:.2f})" if row.get(m + "_H") is not None else f"{100 * row[m]:.1f}"
+            for m in models
+        ]
+        maj = f"{100 * row['majority']:.1f}" if row.get("majority") is not None else "–"
+        task = row["task"] + (" *(at chance)*" if row["task"] == "mmlu" and all(r["mmlu_at_chance"].values()) else "")
+        lines.append(f"| {row['group']} | {task} | {maj} | " + " | ".join(cells) + " |")
+    lines += ["", "Group means (accuracy, %) with a 95% bootstrap interval over seeds and questions", ""]
+    lines += ["| group | " + " | ".join(NAMES[m] for m in models) + " |", "|---|" + "---|" * len(models)]
+    for g, means in r["group_means"].items():
+        ci = r["group_mean_ci95"][g]
+        lines.append(
+            f"| {g} | " + " | ".join(f"{100 * means[m]:.1f} [{ci[m][0]:.1f}, {ci[m][1]:.1f}]" for m in models) + " |"
         )
-        diff = np.array(ca, float) - np.array(cb, float)  # (n,) per question
-        idx = rng.integers(0, len(diff), size=(rounds, len(diff)))
-        deltas += diff[idx].mean(1)
-        point += diff.mean()
-    deltas, point = 100 * deltas / len(tasks), 100 * point / len(tasks)
-    lo, hi = np.percentile(deltas, [2.5, 97.5])
-    return {"delta": float(point), "ci95": [float(lo), float(hi)], "tasks": len(tasks)}
+    pairs = list(next(iter(r["paired_deltas"].values())))
+    lines += [
+        "",
+        "Paired differences of the group means, in points, 95% bootstrap interval over seeds and questions",
+        "",
+    ]
+    lines += ["| group | " + " | ".join(p.replace("-", " − ") for p in pairs) + " |", "|---|" + "---|" * len(pairs)]
+    for g, d in r["paired_deltas"].items():
+        lines.append(
+            f"| {g} | "
+            + " | ".join(f"{d[p]['delta']:+.1f} [{d[p]['ci95'][0]:+.1f}, {d[p]['ci95'][1]:+.1f}]" for p in pairs)
+            + " |"
+        )
+    w = r["wikitext2_nll_deltas"]
+    lines.append(
+        "| WikiText-2 NLL/token (lower = less forgetting) | "
+        + " | ".join(f"{w[p]['delta']:+.3f} [{w[p]['ci95'][0]:+.3f}, {w[p]['ci95'][1]:+.3f}]" for p in pairs)
+        + " |"
+    )
+    lines += [
+        "",
+        "The paper's claims on this model",
+        "",
+        "| claim | difference | 95% interval | verdict |",
+        "|---|---|---|---|",
+    ]
+    for c in r["claims"]:
+        unit = "" if "NLL" in c["claim"] else " pts"
+        fmt = "{:+.3f}" if "NLL" in c["claim"] else "{:+.1f}"
+        lo, hi = (fmt.format(x) for x in c["ci95"])
+        lines.append(f"| {c['claim']} | {fmt.format(c['delta'])}{unit} | [{lo}, {hi}] | {c['verdict']} |")
+    lines += [
+        "",
+        "Learning-rate sweep: validation accuracy (log-likelihood on held-out in-domain training questions) "
+        "and validation loss; the chosen rate in bold",
+        "",
+    ]
+    width = max((len(v) for v in r["sweep"].values()), default=1)
+    lines += ["| method | " + " | ".join(["rate → val acc (val loss)"] * width) + " |", "|---|" + "---|" * width]
+    for m, rates in r["sweep"].items():
+        cells = []
+        for lr, v in rates.items():
+            loss = f"{v['val_loss']:.4f}" if v["val_loss"] is not None else "–"
+            cell = f"{lr} → {100 * v['val_acc']:.1f}% ({loss})"
+            cells.append(f"**{cell}**" if float(lr) == r["chosen_lr"].get(m) else cell)
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "| method | trainable parameters | train time per run (s) |", "|---|---|---|"]
+    for m, t in r["training"].items():
+        lines.append(f"| {NAMES[m]} | {t['trainable_parameters']:,} | {t['train_seconds_mean']:.0f} |")
+    if r["wall_minutes"]:
+        mins = r["wall_minutes"]
+        lines += [
+            "",
+            f"Wall time of the steps: sweep {mins['sweep']:.0f} min + its validation {mins['valacc']:.0f} min, "
+            f"training {mins['train']:.0f} min, evaluation {mins['eval']:.0f} min; {mins['total']:.0f} min in all.",
+        ]
+    return "\n".join(lines)
 
 
-def pooled_ci(evals: dict, acc_groups: dict) -> dict:
-    """Wilson 95% interval of each group's pooled accuracy (equal n per task: pooled = mean)."""
-    from s2ft.evaluation import wilson
-
-    return {
-        group: {n: wilson(sum(evals[n][t]["correct"] for t in acc), sum(evals[n][t]["n"] for t in acc)) for n in evals}
-        for group, acc in acc_groups.items()
-    }
-
-
-def plot(means: dict, ci: dict, path: Path) -> None:
+def plot(r: dict, models: list[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
-    names = ["base", *METHODS]
-    groups = list(means)
-    for k, n in enumerate(names):
-        ys = [100 * means[g][n] for g in groups]
-        lo = [y - 100 * ci[g][n][0] for g, y in zip(groups, ys, strict=True)]
-        hi = [100 * ci[g][n][1] - y for g, y in zip(groups, ys, strict=True)]
-        err = [lo, hi]
-        xs = [g + (k - 1.5) * 0.2 for g in range(len(groups))]
-        ax.bar(xs, ys, 0.2, yerr=err, capsize=2, label=n)
-    ax.set_xticks(range(len(groups)), groups)
+    fig, ax = plt.subplots(figsize=(9, 3.8), dpi=110)
+    gs = list(r["group_means"])
+    width = 0.8 / len(models)
+    for k, m in enumerate(models):
+        ys = [100 * r["group_means"][g][m] for g in gs]
+        ci = [r["group_mean_ci95"][g][m] for g in gs]
+        err = [[y - c[0] for y, c in zip(ys, ci, strict=True)], [c[1] - y for y, c in zip(ys, ci, strict=True)]]
+        xs = [i + (k - (len(models) - 1) / 2) * width for i in range(len(gs))]
+        ax.bar(xs, ys, width, yerr=err, capsize=2, label=NAMES[m])
+    ax.set_xticks(range(len(gs)), [g.replace(" (", "\n(") for g in gs], fontsize=8)
     ax.set_ylabel("mean accuracy (%), 95% CI")
-    ax.set_title("SmolLM2-135M: learning (in-domain) and forgetting (unseen, far OOD)")
-    ax.legend(fontsize=8)
+    ax.set_title(
+        f"{r['model']}: learning (in-domain) and forgetting (unseen, far OOD); seeds {r['seeds_done']}", fontsize=9
+    )
+    ax.legend(fontsize=7, ncol=len(models))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -389,11 +566,22 @@ def smoke_setup(out: Path) -> tuple[str, str]:
         tiny_model_dir(model)
     data = out / "tiny-data"
     train, held = builtin_dataset("arc_easy")
+
+    def as_task(records: list[dict], word: str) -> list[dict]:  # ARC's "Answer2:" -> piqa's "Solution2:"
+        return [
+            {
+                **r,
+                "instruction": r["instruction"].replace("Answer", word),
+                "answer": r["answer"].replace("answer", word.lower()),
+            }
+            for r in records
+        ]
+
     (data / "train").mkdir(parents=True, exist_ok=True)
-    (data / "train" / "commonsense_partial_4tasks.json").write_text(json.dumps(train[:40]))
-    for task in ("ARC-Easy", "openbookqa"):
+    for task, word in (("ARC-Easy", "Answer"), ("openbookqa", "Answer"), ("piqa", "Solution"), ("hellaswag", "Ending")):
         (data / "test" / "commonsense" / task).mkdir(parents=True, exist_ok=True)
-        (data / "test" / "commonsense" / task / "test.json").write_text(json.dumps(held[:8]))
+        (data / "test" / "commonsense" / task / "test.json").write_text(json.dumps(as_task(held[:8], word)))
+        (data / "train" / f"{task}_train.json").write_text(json.dumps(as_task(train[:20], word)))
     for split in ("dev", "test"):
         d = data / "probe" / "mmlu" / split
         d.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,10 @@
-"""The generalization study's report (bench/generalization.py) from hand-made evaluation results.
+"""The generalization study's report (bench/generalization.py) from hand-made step outputs.
 
-The study takes two hours; its report must not be the step that breaks at the end. These
-tests build per-example result files with known answers and check the paired differences,
-their bootstrap intervals, the tables and the plot.
+The study takes hours; its report must not be the step that breaks at the end. These tests
+write per-example result files with known answers for the base model and every method and
+seed, and check the bootstrap over seeds and questions, the claims' verdicts, the learning
+rates chosen by validation accuracy, partial runs (a seed counts once every method has it),
+the tables and the plot.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from s2ft.evaluation import wilson
+from s2ft.evaluation import rows_file, wilson
 
 ROOT = Path(__file__).parents[1]
 
@@ -27,65 +29,125 @@ def study():
     return mod
 
 
-def write_eval(root: Path, name: str, correct: dict[str, list[bool]], ppl: float) -> dict:
+def write_eval(root: Path, name: str, correct: dict[str, list[bool]], nll: float) -> None:
     d = root / "eval" / name
     d.mkdir(parents=True)
     results = {}
     for task, flags in correct.items():
-        (d / f"{task}.jsonl").write_text("".join(json.dumps({"correct": c}) + "\n" for c in flags))
+        (d / rows_file(task)).write_text(
+            "".join(json.dumps({"correct": c, "prediction": int(c)}) + "\n" for c in flags)
+        )
         k, n = sum(flags), len(flags)
-        results[task] = {"metric": "accuracy", "accuracy": k / n, "correct": k, "n": n, "ci95": list(wilson(k, n))}
-    (d / "wikitext2.jsonl").write_text(json.dumps({"tokens": 512, "nll": 2.0}) + "\n")
-    results["wikitext2"] = {"metric": "perplexity", "perplexity": ppl}
-    return results
-
-
-def test_paired_deltas_and_outputs(study, tmp_path):
-    n = 40
-    base = [i % 4 == 0 for i in range(n)]  # 25% correct
-    evals = {
-        "base": write_eval(tmp_path, "base", {"a": base, "b": base}, 20.0),
-        "s2ft": write_eval(tmp_path, "s2ft", {"a": [True] * n, "b": base}, 21.0),  # +75 on a, 0 on b
-        "lora": write_eval(tmp_path, "lora", {"a": base, "b": base}, 22.0),  # identical to base
-        "full": write_eval(tmp_path, "full", {"a": [False] * n, "b": [False] * n}, 30.0),  # -25 on both
-    }
-    summaries = {m: {"trainable_parameters": 1, "train_seconds": 1.0} for m in ("s2ft", "lora", "full")}
-    args = Namespace(steps=1)
-    study.report(
-        tmp_path, args, {"s2ft": {"0.001": 0.5}}, {"s2ft": 1e-3}, summaries, evals, ["a"], ["b"], ["wikitext2"]
+        results[task] = {
+            "metric": "accuracy",
+            "accuracy": k / n,
+            "correct": k,
+            "n": n,
+            "ci95": list(wilson(k, n)),
+            "majority_baseline": 0.5,
+            "pred_entropy": 1.0,
+            "entropy_max": 1.0,
+        }
+    (d / "wikitext2.jsonl").write_text(
+        "".join(json.dumps({"tokens": 512, "nll": nll + i / 100}) + "\n" for i in range(4))
     )
+    results["wikitext2"] = {"metric": "perplexity", "perplexity": 2.718**nll}
+    (d / "results.json").write_text(json.dumps({"results": results}))
 
-    result = json.loads((tmp_path / "study.json").read_text())
-    d = result["paired_deltas"]
-    assert d["in-domain"]["s2ft-base"]["delta"] == pytest.approx(75.0)
-    lo75, hi75 = d["in-domain"]["s2ft-base"]["ci95"]  # 30 of 40 questions flip to right: varies with the resample
-    assert 55 < lo75 < 75 < hi75 < 95
-    assert d["in-domain"]["s2ft-full"]["ci95"] == pytest.approx([100.0, 100.0])  # every question flips
-    assert d["in-domain"]["lora-base"] == {"delta": 0.0, "ci95": [0.0, 0.0], "tasks": 1}
-    assert d["unseen tasks"]["full-base"]["delta"] == pytest.approx(-25.0)
-    lo, hi = d["unseen tasks"]["s2ft-full"]["ci95"]  # +25 on average, varying with the resample
-    assert 0 < lo < 25 < hi <= 50
-    assert "far OOD" not in d  # perplexity only: no accuracy to pair
-    assert result["group_means"]["in-domain"]["s2ft"] == 1.0
 
-    table = (tmp_path / "study.md").read_text()
-    assert "| far OOD | wikitext2 | 20.00 | 21.00 (+1.00) | 22.00 (+2.00) | 30.00 (+10.00) |" in table
-    assert f"| in-domain | +75.0 [{lo75:+.1f}, {hi75:+.1f}] | +0.0 [+0.0, +0.0] |" in table
+def write_run(root: Path, name: str, val_acc: float | None = None, val_loss: float = 1.0) -> None:
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "summary.json").write_text(
+        json.dumps({"trainable_parameters": 10, "train_seconds": 5.0, "val_loss_after": val_loss})
+    )
+    if val_acc is not None:
+        (d / "val").mkdir()
+        res = {"a:ll": {"metric": "accuracy", "accuracy": val_acc}}
+        (d / "val" / "results.json").write_text(json.dumps({"results": res}))
+
+
+def make_study(study, root: Path, n: int = 40, seeds=(0, 1, 2), missing: tuple[str, int] | None = None) -> None:
+    """Base: 25% everywhere. S²FT: +75 on the in-domain task `a`, 25% elsewhere; LoRA/DoRA: the
+    base; full: 0% on everything. WikiText-2 NLL: base 2.0, S²FT 2.0, LoRA/DoRA 2.5, full 3.0."""
+    study.SWEEP.update({m: [1e-3, 2e-3] for m in study.METHODS})
+    quarter = [i % 4 == 0 for i in range(n)]
+    tasks = {"a:ll": quarter, "a": quarter, "b:ll": quarter, "hellaswag:ll": quarter, "mmlu": quarter}
+    write_eval(root, "base", tasks, 2.0)
+    for s in seeds:
+        for m in study.METHODS:
+            if missing == (m, s):
+                continue
+            t = dict(tasks)
+            if m == "s2ft":
+                t["a:ll"] = [True] * n
+            if m == "full":
+                t = {k: [False] * n for k in t}
+            write_eval(root, f"{m}-s{s}", t, {"s2ft": 2.0, "lora": 2.5, "dora": 2.5, "full": 3.0}[m])
+            write_run(root / "train", f"{m}-s{s}")
+    for m in study.METHODS:  # 2e-3 wins on accuracy for s2ft; a tie broken by the lower loss elsewhere
+        write_run(root / "sweep", f"{m}-lr0.001", 0.5, val_loss=1.0)
+        write_run(root / "sweep", f"{m}-lr0.002", 0.6 if m == "s2ft" else 0.5, val_loss=0.9 if m == "lora" else 1.1)
+
+
+def args_for(study, root: Path, seeds: str = "0,1,2") -> Namespace:
+    args = Namespace(**{k: 1 for k in study.RESULT_SETTINGS})
+    args.model, args.seeds, args.data_dir = "tiny", seeds, str(root)
+    return args
+
+
+def test_report_bootstrap_claims_and_outputs(study, tmp_path):
+    make_study(study, tmp_path)
+    study.report(tmp_path, args_for(study, tmp_path), ["a"], ["b"], [0, 1, 2])
+    r = json.loads((tmp_path / "study.json").read_text())
+    assert r["seeds_done"] == [0, 1, 2]
+    assert r["chosen_lr"] == {"s2ft": 2e-3, "lora": 2e-3, "dora": 1e-3, "full": 1e-3}
+
+    d = r["paired_deltas"]["in-domain (log-likelihood)"]
+    assert d["s2ft-lora"]["delta"] == pytest.approx(75.0)
+    lo, hi = d["s2ft-lora"]["ci95"]  # 30 of 40 questions flip: the interval varies with the resample
+    assert 55 < lo < 75 < hi < 95
+    assert d["full-base"]["delta"] == pytest.approx(-25.0) and d["lora-base"]["ci95"] == [0.0, 0.0]
+    assert d["s2ft-full"]["ci95"] == pytest.approx([100.0, 100.0])  # every question flips, every seed
+    assert r["group_means"]["in-domain (log-likelihood)"]["s2ft"] == pytest.approx(1.0)
+    assert r["mmlu_at_chance"]["base"] and not r["mmlu_at_chance"]["full"]
+
+    claims = {c["claim"]: c for c in r["claims"]}
+    assert claims["S²FT learns the trained tasks better than LoRA"]["verdict"].startswith("held")
+    assert claims["S²FT transfers to unseen tasks better than LoRA"]["verdict"].startswith("not shown")
+    assert claims["S²FT transfers to unseen tasks better than full FT"]["verdict"].startswith("held")
+    nll = claims["S²FT forgets less than LoRA (WikiText-2 NLL per token)"]
+    assert nll["delta"] == pytest.approx(-0.5) and nll["verdict"].startswith("held")
+
+    md = (tmp_path / "study.md").read_text()
+    assert "| in-domain (log-likelihood) | a:ll | 50.0 | 25.0 (1.00) | 100.0 (1.00) |" in md
+    assert "**0.002 → 60.0% (1.1000)**" in md
+    assert "mmlu" in md and "WikiText-2 NLL/token" in md
     assert (tmp_path / "study.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_wall_time_is_summed_per_stage_and_reported(study, tmp_path):
-    timings = {"sweep/s2ft-lr0.001": 600.0, "sweep/full-lr5e-05": 900.0, "train/s2ft": 1200.0, "eval/base": 330.0}
-    assert study.stage_minutes(timings) == {"sweep": 25.0, "train": 20.0, "eval": 5.5, "total": 50.5}
-    (tmp_path / "timings.json").write_text(json.dumps(timings))
-    flags = [i % 2 == 0 for i in range(10)]
-    evals = {m: write_eval(tmp_path, m, {"a": flags}, 20.0) for m in ("base", "s2ft", "lora", "full")}
-    summaries = {m: {"trainable_parameters": 1, "train_seconds": 1.0} for m in ("s2ft", "lora", "full")}
-    study.report(
-        tmp_path, Namespace(steps=1), {"s2ft": {"0.001": 0.5}}, {"s2ft": 1e-3}, summaries, evals, ["a"], [], []
-    )
-    assert json.loads((tmp_path / "study.json").read_text())["wall_minutes"]["total"] == 50.5
-    assert "sweep 25 min, training 20 min, evaluation 6 min; 50 min in all" in (tmp_path / "study.md").read_text()
+def test_partial_run_reports_the_seeds_every_method_has(study, tmp_path):
+    make_study(study, tmp_path, missing=("dora", 1))
+    study.report(tmp_path, args_for(study, tmp_path), ["a"], ["b"], [0, 1, 2])
+    r = json.loads((tmp_path / "study.json").read_text())
+    assert r["seeds_done"] == [0, 2] and r["seeds_planned"] == [0, 1, 2]
+    assert "seeds done: 0, 2 of 0, 1, 2" in (tmp_path / "study.md").read_text()
+    with pytest.raises(SystemExit, match="nothing to report yet"):
+        study.report(tmp_path / "empty", args_for(study, tmp_path), ["a"], ["b"], [0])
+
+
+def test_bootstrap_covers_seed_variation(study):
+    # two seeds that disagree: the questions agree within a seed, so only the seed resample spreads the interval
+    a = [[[100.0] * 20], [[0.0] * 20]]
+    b = [[[0.0] * 20]]
+    d = study.bootstrap_delta(a, b, rounds=500)
+    assert d["delta"] == pytest.approx(50.0) and d["seeds"] == 2
+    assert d["ci95"][0] == pytest.approx(0.0) and d["ci95"][1] == pytest.approx(100.0)
+
+
+def test_wall_time_is_summed_per_stage(study):
+    timings = {"sweep/s2ft-lr0.001": 600.0, "valacc/s2ft-lr0.001": 60.0, "train/s2ft-s0": 1200.0, "eval/base": 330.0}
+    assert study.stage_minutes(timings) == {"sweep": 10.0, "valacc": 1.0, "train": 20.0, "eval": 5.5, "total": 36.5}
 
 
 def test_resuming_with_other_settings_is_refused(study, tmp_path):

@@ -138,6 +138,8 @@ def _eval(args: argparse.Namespace) -> int:
         return 0
     if not args.data_dir:
         raise ValueError("--data-dir: required (a directory laid out like ../shared/data)")
+    if args.harness:
+        return _harness(args)
     tasks = ev.expand_tasks(args.tasks)
     settings = ev.EvalSettings(
         limit=args.limit,
@@ -178,6 +180,40 @@ def _eval(args: argparse.Namespace) -> int:
     print("\n" + ev.table(final))
     ev.plot(final, out / "results.png", what)
     print(f"\nresults: {previous} (per-example JSONL beside it), chart: {out / 'results.png'}")
+    return 0
+
+
+def _harness(args: argparse.Namespace) -> int:
+    """`s2ft eval --harness TASKS`: lm-evaluation-harness on the model (+ adapter, merged)."""
+    from pathlib import Path
+
+    from s2ft import evaluation as ev
+    from s2ft.adapter_io import atomic_write
+    from s2ft.integrations.lm_eval import evaluate
+
+    model, tokenizer, what = ev.load_for_eval(args.model, args.adapter)
+    tokenizer.padding_side = "right"
+    print(f"lm-evaluation-harness on {what}: {args.harness}")
+    tasks = [t for t in args.harness.split(",") if t.strip()]
+    results = evaluate(model, tokenizer, tasks, args.data_dir, args.limit, args.seed, args.batch_size)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {t: {k: r[k] for k in ("acc", "acc_norm", "n")} for t, r in results.items()}
+    meta = {"model": args.model, "adapter": args.adapter, "limit": args.limit, "seed": args.seed}
+    atomic_write(out / "harness.json", (json.dumps({**meta, "description": what, "results": results}) + "\n").encode())
+    print(f"{'task':<18}{'acc':>9}{'acc_norm':>10}{'n':>7}")
+    for t, r in summary.items():
+        print(f"{t:<18}{100 * r['acc']:>8.1f}%{100 * r['acc_norm']:>9.1f}%{r['n']:>7}")
+    print(f"\nresults: {out / 'harness.json'} (lm-eval's per-question log-likelihoods included)")
+    return 0
+
+
+def _lm_eval_tasks(args: argparse.Namespace) -> int:
+    from s2ft.integrations.lm_eval import GROUP, write_tasks
+
+    names = write_tasks(args.data_dir, args.out, relative=args.relative)
+    print(f"wrote {len(names)} task YAMLs and s2ft_lm_eval_utils.py to {args.out}: {', '.join(names)} (tag {GROUP})")
+    print(f"  lm_eval --model hf --model_args pretrained=MODEL --include_path {args.out} --tasks {names[0]}")
     return 0
 
 
@@ -445,15 +481,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate a model (+ S²FT or PEFT adapter) on commonsense, arithmetic, MMLU and perplexity",
         description="The LLM-Adapters protocol: Alpaca prompt, greedy generation (or --num-beams), answer "
         "extraction (commonsense: first label of the task's pattern; arithmetic: last number, within 0.001; AQuA: "
-        "a strict answer-letter rule). MMLU by log-likelihood of the answer letters; perplexity on WikiText-2. "
-        "Writes results.json, <task>.jsonl (every example with its extracted prediction) and results.png; a "
-        "rerun into the same --output-dir skips finished tasks.",
-        epilog="example: s2ft eval --model smollm2 --adapter runs/arc/adapter --tasks ARC-Easy,boolq,mmlu "
-        "--data-dir ../shared/data --limit 200 --output-dir evals/arc",
+        "a strict answer-letter rule). Commonsense also by log-likelihood (TASK:ll: lm-evaluation-harness's "
+        "prompts, acc and acc_norm). MMLU by log-likelihood of the answer letters; perplexity on WikiText-2. Every "
+        "accuracy comes with the majority-label baseline and the entropy of the predicted labels. Writes "
+        "results.json, <task>.jsonl (every example with its prediction) and results.png; a rerun into the same "
+        "--output-dir skips finished tasks.",
+        epilog="example: s2ft eval --model smollm2 --adapter runs/arc/adapter --tasks ARC-Easy,ARC-Easy:ll,boolq,"
+        "mmlu --data-dir ../shared/data --limit 200 --output-dir evals/arc",
     )
     evp.add_argument("--model", default="smollm2", help="base model: 'smollm2', a Hub id, a directory or a .gguf")
     evp.add_argument("--adapter", help="an S²FT adapter or a PEFT adapter directory")
-    evp.add_argument("--tasks", default="commonsense", help="comma-separated tasks or groups (commonsense, math, all)")
+    evp.add_argument(
+        "--tasks",
+        default="commonsense",
+        help="comma-separated tasks or groups (commonsense, math, all); TASK:ll or commonsense:ll scores a "
+        "commonsense set by log-likelihood of its options (lm-eval's prompts, acc and acc_norm)",
+    )
     evp.add_argument("--data-dir", help="directory laid out like ../shared/data (test/..., probe/...)")
     evp.add_argument("--output-dir", default="s2ft-eval", help="where results go (default: %(default)s)")
     evp.add_argument("--limit", type=int, help="evaluate a seeded subset of N examples per task")
@@ -466,7 +509,30 @@ def build_parser() -> argparse.ArgumentParser:
     evp.add_argument("--ppl-window", type=int, default=1024, help="perplexity window in tokens (default: %(default)s)")
     evp.add_argument("--ppl-tokens", type=int, help="score only the first N tokens of the text")
     evp.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="print two results files side by side")
+    evp.add_argument(
+        "--harness",
+        metavar="TASKS",
+        help="run lm-evaluation-harness instead (pip install 'lm-eval>=0.4.8'), on the local files of --data-dir: "
+        "commonsense tasks (ARC-Easy,piqa,... or commonsense), same prompts and --limit subsets as TASK:ll; "
+        "writes harness.json",
+    )
     evp.set_defaults(func=_eval)
+
+    lmt = sub.add_parser(
+        "lm-eval-tasks",
+        help="write lm-evaluation-harness task YAMLs for the local commonsense files",
+        description="Write s2ft_<task>.yaml (tag s2ft_commonsense) and s2ft_lm_eval_utils.py into --out: tasks "
+        "that read test/commonsense/<task>/test.json of --data-dir offline, with the prompts of s2ft eval's "
+        "TASK:ll scoring (docs/EVALUATION.md). Use them with lm_eval --include_path OUT.",
+        epilog="example: s2ft lm-eval-tasks --data-dir ../shared/data --out lm_eval_tasks && lm_eval --model hf "
+        "--model_args pretrained=HuggingFaceTB/SmolLM2-135M-Instruct --include_path lm_eval_tasks --tasks s2ft_piqa",
+    )
+    lmt.add_argument("--data-dir", required=True, help="directory laid out like ../shared/data")
+    lmt.add_argument("--out", default="lm_eval_tasks", help="where the YAMLs go (default: %(default)s)")
+    lmt.add_argument(
+        "--relative", action="store_true", help="keep --data-dir relative (resolved from where lm_eval runs)"
+    )
+    lmt.set_defaults(func=_lm_eval_tasks)
 
     info = sub.add_parser("info", help="describe a saved adapter", description="Print what an adapter directory holds.")
     info.add_argument("adapter", help="adapter directory written by save_pretrained")

@@ -7,6 +7,9 @@ Tasks:
 - arithmetic (7): gsm8k, AQuA, mawps, SVAMP, MultiArith, AddSub, SingleEq. Commas removed,
   the last number in the response is the prediction, correct within 0.001. AQuA uses a strict
   letter rule (`aqua_letter`), not the original "first capital letter anywhere".
+- commonsense by log-likelihood (`<task>:ll`, group `commonsense:ll`): the options of each
+  question scored as continuations of lm-evaluation-harness's zero-shot prompt for the task
+  (`s2ft.loglik`); acc and length-normalised acc_norm as lm-eval defines them.
 - mmlu: log-likelihood of the four answer letters after a standard multiple-choice prompt,
   zero-shot or k-shot from the dev split (`--mmlu-shots`).
 - wikitext2: perplexity of a text file in non-overlapping windows.
@@ -30,8 +33,10 @@ from typing import Any
 
 import torch
 
+from s2ft import loglik
 from s2ft.adapter_io import atomic_write
 from s2ft.data import left_pad
+from s2ft.loglik import label_stats
 
 COMMONSENSE_LABELS = {
     "boolq": r"true|false",
@@ -45,8 +50,10 @@ COMMONSENSE_LABELS = {
 }
 MATH_TASKS = ("gsm8k", "AQuA", "mawps", "SVAMP", "MultiArith", "AddSub", "SingleEq")
 PROBES = ("mmlu", "wikitext2")
+LL = ":ll"  # suffix of a task scored by log-likelihood ("ARC-Easy:ll")
 GROUPS = {
     "commonsense": tuple(COMMONSENSE_LABELS),
+    "commonsense" + LL: tuple(t + LL for t in COMMONSENSE_LABELS),
     "math": MATH_TASKS,
     "all": (*COMMONSENSE_LABELS, *MATH_TASKS, *PROBES),
 }
@@ -213,7 +220,47 @@ def run_generation_task(model: Any, tokenizer: Any, data_dir: Path, task: str, s
                 "correct": ok,
             }
         )
-    return _accuracy(correct, len(records)), rows
+    result = _accuracy(correct, len(records))
+    if is_cs:  # the label prior: what answering with the commonest label scores, how varied the answers are
+        result.update(label_stats([str(r["answer"]).lower() for r in records], [row["prediction"] for row in rows]))
+    return result, rows
+
+
+@torch.no_grad()
+def run_loglik_task(model: Any, tokenizer: Any, data_dir: Path, task: str, s: EvalSettings) -> tuple[dict, list]:
+    """A commonsense set scored by log-likelihood of its options (`s2ft.loglik`): acc, acc_norm."""
+    path = _find(data_dir, "commonsense", task, "test.json")
+    records = subset(load_task(data_dir, task), s.limit, s.seed)
+    questions = loglik.parse_all(records, task, str(path))
+    pairs = [p for q in questions for p in q.pairs]
+    bar = _bar(len(pairs), task + LL, s.progress)
+    scores = loglik.score(model, tokenizer, pairs, s.batch_size, progress=bar.update)
+    bar.close()
+    rows, correct, correct_norm, at = [], 0, 0, 0
+    for q in questions:
+        sc = scores[at : at + len(q.pairs)]
+        at += len(q.pairs)
+        pred, pred_norm = loglik.predict(q, sc)
+        correct += pred == q.gold
+        correct_norm += pred_norm == q.gold
+        rows.append(
+            {
+                "context": q.contexts[0],
+                "choices": list(q.choices),
+                "loglik": sc,
+                "prediction": pred,
+                "prediction_norm": pred_norm,
+                "answer": q.gold,
+                "correct": pred == q.gold,
+                "correct_norm": pred_norm == q.gold,
+            }
+        )
+    n = len(records)
+    result = _accuracy(correct, n)
+    lo, hi = wilson(correct_norm, n)
+    result.update(acc_norm=correct_norm / max(n, 1), correct_norm=correct_norm, ci95_norm=[lo, hi])
+    result.update(label_stats([q.gold for q in questions], [row["prediction"] for row in rows]))
+    return result, rows
 
 
 def _accuracy(correct: int, n: int) -> dict:
@@ -330,11 +377,13 @@ def run_task(model: Any, tokenizer: Any, data_dir: Path, task: str, s: EvalSetti
         return run_mmlu(model, tokenizer, data_dir, s)
     if task == "wikitext2":
         return run_perplexity(model, tokenizer, _find(data_dir, "wikitext-2", "test.txt"), s)
+    if task.endswith(LL):
+        return run_loglik_task(model, tokenizer, data_dir, task[: -len(LL)], s)
     return run_generation_task(model, tokenizer, data_dir, task, s)
 
 
 def expand_tasks(spec: str) -> list[str]:
-    known = {*COMMONSENSE_LABELS, *MATH_TASKS, *PROBES}
+    known = {*COMMONSENSE_LABELS, *(t + LL for t in COMMONSENSE_LABELS), *MATH_TASKS, *PROBES}
     lower = {k.lower(): k for k in known}
     tasks: list[str] = []
     for t in (x.strip() for x in spec.split(",") if x.strip()):
@@ -396,41 +445,72 @@ def evaluate_tasks(
         result["seconds"] = round(time.time() - t, 1)
         results[task] = result
         if out:
-            atomic_write(out / f"{task}.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+            atomic_write(out / rows_file(task), "".join(json.dumps(r) + "\n" for r in rows).encode())
         if on_task:
             on_task(task, result)
     return results
 
 
+def rows_file(task: str) -> str:
+    """The per-example file of a task: `ARC-Easy.jsonl`, `ARC-Easy.ll.jsonl`."""
+    return task.replace(LL, ".ll") + ".jsonl"
+
+
+HEAD = f"{'task':<18}{'metric':>7}{'value':>9}{'95% CI':>16}{'acc_norm':>10}{'majority':>10}{'H(pred)':>12}{'n':>7}"
+
+
+def _prior(r: dict) -> str:
+    """Majority-label baseline and predicted-label entropy (bits, of the maximum) when known."""
+    if "majority_baseline" not in r:
+        return f"{'':>10}{'':>12}"
+    return f"{100 * r['majority_baseline']:>9.1f}%{r['pred_entropy']:>7.2f}/{r['entropy_max']:<4.2f}"
+
+
 def format_row(task: str, r: dict) -> str:
     if r["metric"] == "perplexity":
-        return f"{task:<15}{'ppl':>10}{r['perplexity']:>10.2f}{'':>18}{r['tokens']:>8} tokens"
+        return f"{task:<18}{'ppl':>7}{r['perplexity']:>9.2f}{'':>16}{'':>10}{'':>10}{'':>12}{r['tokens']:>7} tokens"
     lo, hi = r["ci95"]
-    return f"{task:<15}{'acc':>10}{100 * r['accuracy']:>9.1f}%   [{100 * lo:5.1f}, {100 * hi:5.1f}]{r['n']:>8}"
+    norm = f"{100 * r['acc_norm']:>9.1f}%" if "acc_norm" in r else f"{'':>10}"
+    return (
+        f"{task:<18}{'acc':>7}{100 * r['accuracy']:>8.1f}%  [{100 * lo:5.1f}, {100 * hi:5.1f}]"
+        f"{norm}{_prior(r)}{r['n']:>7}"
+    )
 
 
 def table(results: dict[str, dict]) -> str:
-    lines = [f"{'task':<15}{'metric':>10}{'value':>10}{'95% CI':>18}{'n':>8}"]
-    lines += [format_row(t, r) for t, r in results.items()]
+    """One row per task; `majority` is the accuracy of always answering the commonest gold label,
+    `H(pred)` the entropy of the model's predicted labels (bits / the maximum): near 0, the model
+    answers (almost) one label whatever the question."""
+    lines = [HEAD] + [format_row(t, r) for t, r in results.items()]
     accs = [r["accuracy"] for r in results.values() if r["metric"] == "accuracy"]
     if len(accs) > 1:
-        lines.append(f"{'mean (acc)':<15}{'acc':>10}{100 * sum(accs) / len(accs):>9.1f}%")
+        lines.append(f"{'mean (acc)':<18}{'acc':>7}{100 * sum(accs) / len(accs):>8.1f}%")
     return "\n".join(lines)
 
 
 def compare(a: dict, b: dict, names: tuple[str, str]) -> str:
-    """Side-by-side table of two results.json files (B - A, with both intervals)."""
+    """Side-by-side table of two results.json files: accuracy (B - A), and for each file acc_norm
+    and the predicted-label entropy where the task has them, with the majority baseline."""
     ra, rb = a["results"], b["results"]
-    lines = [f"{'task':<15}{names[0][:18]:>20}{names[1][:18]:>20}{'B - A':>10}"]
+    na, nb = names[0][-16:], names[1][-16:]
+    lines = [
+        f"{'task':<18}{na:>17}{nb:>17}{'B - A':>8}{'norm A':>9}{'norm B':>9}{'H(pred) A':>11}{'H(pred) B':>11}"
+        f"{'majority':>10}"
+    ]
     for task in [t for t in ra if t in rb]:
         x, y = ra[task], rb[task]
         if x["metric"] == "perplexity":
             lines.append(
-                f"{task:<15}{x['perplexity']:>20.2f}{y['perplexity']:>20.2f}{y['perplexity'] - x['perplexity']:>+10.2f}"
+                f"{task:<18}{x['perplexity']:>17.2f}{y['perplexity']:>17.2f}{y['perplexity'] - x['perplexity']:>+8.2f}"
             )
-        else:
-            d = 100 * (y["accuracy"] - x["accuracy"])
-            lines.append(f"{task:<15}{100 * x['accuracy']:>19.1f}%{100 * y['accuracy']:>19.1f}%{d:>+9.1f}")
+            continue
+        d = 100 * (y["accuracy"] - x["accuracy"])
+        cells = [f"{task:<18}{100 * x['accuracy']:>16.1f}%{100 * y['accuracy']:>16.1f}%{d:>+8.1f}"]
+        cells += [f"{100 * r['acc_norm']:>8.1f}%" if "acc_norm" in r else f"{'–':>9}" for r in (x, y)]
+        cells += [f"{r['pred_entropy']:>11.2f}" if "pred_entropy" in r else f"{'–':>11}" for r in (x, y)]
+        maj = y.get("majority_baseline", x.get("majority_baseline"))
+        cells.append(f"{100 * maj:>9.1f}%" if maj is not None else f"{'–':>10}")
+        lines.append("".join(cells))
     only = sorted(set(ra) ^ set(rb))
     if only:
         lines.append(f"(in one file only: {', '.join(only)})")

