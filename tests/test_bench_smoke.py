@@ -76,3 +76,13 @@ def test_quantized_smoke(tmp_path):
     assert methods["s2ft"]["quantized_modules"] == 0
     assert methods["qs2ft"]["time_vs_qlora"] > 0 and methods["qs2ft"]["steps"] == 1
     assert (tmp_path / "q.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_lm_eval_parity_smoke(tmp_path):
+    pytest.importorskip("lm_eval")
+    run_bench("lm_eval_parity.py", "--smoke", "--out", str(tmp_path / "p.json"))
+    result = json.loads((tmp_path / "p.json").read_text())
+    for task in ("ARC-Easy", "openbookqa"):
+        r = result["tasks"][task]
+        assert r["questions_predicted_differently"] == 0 and r["max_abs_loglik_gap"] < 1e-4
+        assert r["s2ft_acc"] == r["lm_eval_acc"] and r["s2ft_acc_norm"] == r["lm_eval_acc_norm"]

@@ -122,3 +122,14 @@ def test_task_names_and_missing_data(tmp_path):
     assert s2ft_lm_eval.harness_task("s2ft_piqa") == "s2ft_piqa"
     with pytest.raises(FileNotFoundError, match="no test/commonsense"):
         s2ft_lm_eval.write_tasks(tmp_path, tmp_path / "t")
+
+
+def test_shipped_yamls_are_the_generators_output():
+    """configs/lm_eval (for ../shared/data, relative to the repository root) is what
+    `s2ft lm-eval-tasks --data-dir ../shared/data --relative` writes: no hand edits drift."""
+    shipped = Path(__file__).parents[1] / "configs" / "lm_eval"
+    paths = {t: f"../shared/data/test/commonsense/{t}/test.json" for t in s2ft_lm_eval.HARNESS_NAMES}
+    want = s2ft_lm_eval.render_tasks(paths)
+    assert sorted(p.name for p in shipped.iterdir() if p.is_file()) == sorted(want)
+    for name, text in want.items():
+        assert (shipped / name).read_text() == text, name

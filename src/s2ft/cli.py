@@ -331,7 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
         "after, and write the adapter, loss.png and report.json to --output-dir.",
     )
     demo.add_argument(
-        "--model", default="smollm2", help="base model: 'smollm2' (default), a Hub id, a directory or a .gguf file"
+        "--model",
+        default="smollm2",
+        help="base model: 'smollm2' (default), 'gemma3-270m', a Hub id, a directory or a .gguf file",
     )
     demo.add_argument(
         "--output-dir", default="s2ft-demo", help="where the adapter, plot and report go (default: %(default)s)"
@@ -364,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and (with --plot) write a heatmap of the selected rows/columns. With --adapter A: the same for a "
         "saved adapter. With --adapter A --adapter B: their per-layer overlap (what fusion cares about).",
     )
-    insp.add_argument("--model", help="base model: 'smollm2', a Hub id, a directory or a .gguf file")
+    insp.add_argument("--model", help="base model: 'smollm2', 'gemma3-270m', a Hub id, a directory or a .gguf file")
     insp.add_argument("--adapter", action="append", help="adapter directory (give twice to compare two)")
     insp.add_argument("--ffn-ratio", type=float, default=0.03, help="fraction of FFN channels per layer")
     insp.add_argument("--attn-ratio", type=float, default=0.0, help="fraction of query heads per layer")
@@ -392,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load BASE, merge ADAPTER into its weights and save model + tokenizer to OUT. The result "
         "loads with AutoModelForCausalLM.from_pretrained and runs at exactly the base model's speed.",
     )
-    merge.add_argument("base", help="base model: 'smollm2', a Hub id, a directory or a .gguf file")
+    merge.add_argument("base", help="base model: 'smollm2', 'gemma3-270m', a Hub id, a directory or a .gguf file")
     merge.add_argument("adapter", help="S²FT adapter directory")
     merge.add_argument("output", help="output directory")
     merge.add_argument("--dtype", default="auto", help="auto (the base's), float32, bfloat16 or float16")
@@ -449,7 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
         "adapters are decoded together in one mixed-adapter batch.",
         epilog="example: s2ft serve --model smollm2 --adapters-dir runs/adapters --port 8000",
     )
-    srv.add_argument("--model", default="smollm2", help="base model: 'smollm2', a Hub id, a directory or a .gguf")
+    srv.add_argument(
+        "--model", default="smollm2", help="base model: 'smollm2', 'gemma3-270m', a Hub id, a directory or a .gguf"
+    )
     srv.add_argument("--adapters-dir", help="directory whose subdirectories are S²FT adapters")
     srv.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s, localhost only)")
     srv.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
@@ -489,7 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: s2ft eval --model smollm2 --adapter runs/arc/adapter --tasks ARC-Easy,ARC-Easy:ll,boolq,"
         "mmlu --data-dir ../shared/data --limit 200 --output-dir evals/arc",
     )
-    evp.add_argument("--model", default="smollm2", help="base model: 'smollm2', a Hub id, a directory or a .gguf")
+    evp.add_argument(
+        "--model", default="smollm2", help="base model: 'smollm2', 'gemma3-270m', a Hub id, a directory or a .gguf"
+    )
     evp.add_argument("--adapter", help="an S²FT adapter or a PEFT adapter directory")
     evp.add_argument(
         "--tasks",

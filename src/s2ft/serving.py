@@ -45,7 +45,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
 class ServeConfig:
     """Options of `s2ft serve` (each is a flag)."""
 
-    model: str = "smollm2"  # base model: 'smollm2', a Hub id, a directory or a .gguf file
+    model: str = "smollm2"  # base model: 'smollm2', 'gemma3-270m', a Hub id, a directory or a .gguf file
     adapters_dir: str | None = None  # each subdirectory holding an S²FT adapter is served under its name
     host: str = "127.0.0.1"  # bind address (localhost by default)
     port: int = 8000

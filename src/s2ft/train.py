@@ -48,7 +48,9 @@ RUN_FILES = ("train_config.yaml", "metrics.jsonl", "loss.png", "summary.json", "
 class TrainArgs:
     """Options of `s2ft train`; each is also a flag (`output_dir` -> `--output-dir`)."""
 
-    model: str = field(default="smollm2", metadata={"help": "base model: 'smollm2', a Hub id, a directory or a .gguf"})
+    model: str = field(
+        default="smollm2", metadata={"help": "base model: 'smollm2', 'gemma3-270m', a Hub id, a directory or a .gguf"}
+    )
     data: str | None = field(
         default=None,
         metadata={

@@ -95,32 +95,40 @@ def doc_to_choice(doc: dict) -> list[str]:
     return doc["choices"]
 
 
+def render_tasks(paths: dict[str, str]) -> dict[str, str]:
+    """File name -> text of the task YAMLs (one per `task: test.json path`) and the utils module."""
+    files, functions = {}, []
+    for task, path in paths.items():
+        slug = HARNESS_NAMES[task][len("s2ft_") :]
+        files[f"{HARNESS_NAMES[task]}.yaml"] = _YAML.format(
+            task=task, name=HARNESS_NAMES[task], group=GROUP, path=json.dumps(path), slug=slug
+        )
+        functions.append(f"process_{slug} = process_docs_for({task!r})")
+    files[UTILS] = _UTILS_SOURCE.format(functions="\n".join(functions))
+    return files
+
+
 def write_tasks(data_dir: str | Path, out_dir: str | Path, relative: bool = False) -> list[str]:
-    """Write a task YAML for each commonsense set found under `data_dir`, the group YAML and the
-    utils module into `out_dir`; return the task names. `relative` keeps `data_dir` as given
-    (resolved by `datasets` against the working directory) instead of an absolute path."""
+    """Write a task YAML for each commonsense set found under `data_dir` and the utils module
+    into `out_dir`; return the task names. `relative` keeps `data_dir` as given (resolved by
+    `datasets` against the working directory) instead of an absolute path."""
     from s2ft.adapter_io import atomic_write
     from s2ft.evaluation import _find
 
     data_dir, out = Path(data_dir), Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    names, functions = [], []
+    paths = {}
     for task in TASKS:
         try:
             path = _find(data_dir, "commonsense", task, "test.json")
         except FileNotFoundError:
             continue
-        if not relative:
-            path = path.resolve()
-        slug = HARNESS_NAMES[task][len("s2ft_") :]
-        yaml = _YAML.format(task=task, name=HARNESS_NAMES[task], group=GROUP, path=json.dumps(str(path)), slug=slug)
-        atomic_write(out / f"{HARNESS_NAMES[task]}.yaml", yaml.encode())
-        functions.append(f"process_{slug} = process_docs_for({task!r})")
-        names.append(HARNESS_NAMES[task])
-    if not names:
+        paths[task] = str(path if relative else path.resolve())
+    if not paths:
         raise FileNotFoundError(f"{data_dir}: no test/commonsense/<task>/test.json (the ../shared/data layout)")
-    atomic_write(out / UTILS, _UTILS_SOURCE.format(functions="\n".join(functions)).encode())
-    return names
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in render_tasks(paths).items():
+        atomic_write(out / name, text.encode())
+    return [HARNESS_NAMES[t] for t in paths]
 
 
 def harness_task(name: str) -> str:
