@@ -215,8 +215,11 @@ def run(out, log, args, data_dir, in_domain, seeds, tasks) -> None:
     def train(name: str, run_dir: Path, m: str, lr: float, seed: int, data: str, steps: int) -> None:
         if (run_dir / "summary.json").is_file():
             return
+        # validation loss before and after only (it is reported, not used to choose); a sweep run is
+        # short enough to rerun, a final one saves a checkpoint every third of the way to resume from
+        save = steps if data == "sweep.jsonl" else max(1, steps // 3)
         flags = ["--data", str(out / data), "--output-dir", str(run_dir), "--max-steps", str(steps)]
-        flags += ["--warmup-steps", str(max(1, steps // 10)), "--save-steps", str(max(1, steps // 3))]
+        flags += ["--warmup-steps", str(max(1, steps // 10)), "--save-steps", str(save), "--eval-steps", str(steps)]
         flags += ["--seed", str(seed), "--learning-rate", str(lr)]
         flags += ["--resume"] if (run_dir / "checkpoints").is_dir() else ["--overwrite"]
         sh(cli("train", *common, *method_flags(m), *flags), log, name)
