@@ -225,11 +225,13 @@ def run(out, log, args, data_dir, in_domain, seeds, tasks) -> None:
         sh(cli("train", *common, *method_flags(m), *flags), log, name)
 
     # 1. sweep: seed 0, short runs; validation accuracy by log-likelihood on held-out questions
+    val_tasks = [t + LL for t in in_domain]
+    evaluate("valacc/base", None, None, val_tasks, out / "valdata", out / "sweep" / "base-val")
     for m in METHODS:
         for lr in SWEEP[m]:
             run_dir = out / "sweep" / f"{m}-lr{lr:g}"
             train(f"sweep/{m}-lr{lr:g}", run_dir, m, lr, 0, "sweep.jsonl", args.sweep_steps)
-            evaluate(f"valacc/{m}-lr{lr:g}", run_dir, m, [t + LL for t in in_domain], out / "valdata", run_dir / "val")
+            evaluate(f"valacc/{m}-lr{lr:g}", run_dir, m, val_tasks, out / "valdata", run_dir / "val")
     best = chosen_rates(out)
     print("learning rates chosen by validation accuracy:", best, flush=True)
 
@@ -262,6 +264,15 @@ def sweep_table(out: Path) -> dict[str, dict[str, dict]]:
                 "val_loss": json.loads(summ.read_text()).get("val_loss_after"),
             }
     return table
+
+
+def base_val_acc(out: Path) -> float | None:
+    """The base model's validation accuracy (the sweep's reference), when evaluated."""
+    res = out / "sweep" / "base-val" / "results.json"
+    if not res.is_file():
+        return None
+    accs = [r["accuracy"] for r in json.loads(res.read_text())["results"].values()]
+    return sum(accs) / len(accs)
 
 
 def chosen_rates(out: Path) -> dict[str, float]:
@@ -418,6 +429,7 @@ def report(out: Path, args, in_domain: list[str], unseen: list[str], seeds: list
         "seeds_planned": seeds,
         "wall_minutes": minutes,
         "sweep": sweep_table(out),
+        "sweep_base_val_acc": base_val_acc(out),
         "chosen_lr": chosen_rates(out),
         "training": {
             m: {
@@ -511,6 +523,8 @@ def markdown(r: dict, models: list[str]) -> str:
     ]
     width = max((len(v) for v in r["sweep"].values()), default=1)
     lines += ["| method | " + " | ".join(["rate → val acc (val loss)"] * width) + " |", "|---|" + "---|" * width]
+    if r.get("sweep_base_val_acc") is not None:
+        lines.append(f"| base (no training) | {100 * r['sweep_base_val_acc']:.1f}% |" + " |" * (width - 1))
     for m, rates in r["sweep"].items():
         cells = []
         for lr, v in rates.items():

@@ -85,6 +85,9 @@ def make_study(study, root: Path, n: int = 40, seeds=(0, 1, 2), missing: tuple[s
                 t = {k: [False] * n for k in t}
             write_eval(root, f"{m}-s{s}", t, {"s2ft": 2.0, "lora": 2.5, "dora": 2.5, "full": 3.0}[m])
             write_run(root / "train", f"{m}-s{s}")
+    (root / "sweep" / "base-val").mkdir(parents=True)
+    base_val = {"a:ll": {"metric": "accuracy", "accuracy": 0.25}}
+    (root / "sweep" / "base-val" / "results.json").write_text(json.dumps({"results": base_val}))
     for m in study.METHODS:  # 2e-3 wins on accuracy for s2ft; a tie broken by the lower loss elsewhere
         write_run(root / "sweep", f"{m}-lr0.001", 0.5, val_loss=1.0)
         write_run(root / "sweep", f"{m}-lr0.002", 0.6 if m == "s2ft" else 0.5, val_loss=0.9 if m == "lora" else 1.1)
@@ -121,7 +124,7 @@ def test_report_bootstrap_claims_and_outputs(study, tmp_path):
 
     md = (tmp_path / "study.md").read_text()
     assert "| in-domain (log-likelihood) | a:ll | 50.0 | 25.0 (1.00) | 100.0 (1.00) |" in md
-    assert "**0.002 → 60.0% (1.1000)**" in md
+    assert "**0.002 → 60.0% (1.1000)**" in md and "| base (no training) | 25.0% | |" in md
     assert "mmlu" in md and "WikiText-2 NLL/token" in md
     assert (tmp_path / "study.png").read_bytes()[:4] == b"\x89PNG"
 
