@@ -82,3 +82,13 @@ def test_deepspeed_example_runs_on_two_processes(tiny_dir, tmp_path):
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     S2FTModel.from_pretrained(load_model(str(tiny_dir)), out)
+
+
+def test_lm_eval_example_runs(tiny_dir, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("lm_eval")
+    from lm_eval_fixtures import write_data
+
+    data = write_data(tmp_path / "data")
+    _run_example("lm_eval_harness.py", tmp_path, monkeypatch, "--model", str(tiny_dir), "--data-dir", str(data))
+    out = capsys.readouterr().out
+    assert "ARC-Easy" in out and "acc_norm" in out and "piqa" in out
