@@ -532,6 +532,13 @@ def markdown(r: dict, models: list[str]) -> str:
             cell = f"{lr} → {100 * v['val_acc']:.1f}% ({loss})"
             cells.append(f"**{cell}**" if float(lr) == r["chosen_lr"].get(m) else cell)
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    edge = [
+        f"{m} ({r['chosen_lr'][m]:g})"
+        for m, rates in r["sweep"].items()
+        if len(rates) > 1 and r["chosen_lr"].get(m) in (min(map(float, rates)), max(map(float, rates)))
+    ]
+    if edge:
+        lines += ["", f"Chosen at the edge of its grid: {', '.join(edge)}; the best rate may lie outside the grid."]
     lines += ["", "| method | trainable parameters | train time per run (s) |", "|---|---|---|"]
     for m, t in r["training"].items():
         lines.append(f"| {NAMES[m]} | {t['trainable_parameters']:,} | {t['train_seconds_mean']:.0f} |")

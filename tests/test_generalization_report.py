@@ -126,6 +126,7 @@ def test_report_bootstrap_claims_and_outputs(study, tmp_path):
     assert "| in-domain (log-likelihood) | a:ll | 50.0 | 25.0 (1.00) | 100.0 (1.00) |" in md
     assert "**0.002 → 60.0% (1.1000)**" in md and "| base (no training) | 25.0% | |" in md
     assert "mmlu" in md and "WikiText-2 NLL/token" in md
+    assert "Chosen at the edge of its grid: s2ft (0.002), lora (0.002), dora (0.001), full (0.001)" in md
     assert (tmp_path / "study.png").read_bytes()[:4] == b"\x89PNG"
 
 
