@@ -30,6 +30,7 @@ the finished steps without running more (seeds count once every method has them)
     python bench/generalization.py --model smollm2 --data-dir ../shared/data      # about 3 h on 2 cores
     python bench/generalization.py --model gemma3-270m --data-dir ../shared/data
     python bench/generalization.py --model smollm2 --report-only                 # report what is done
+    python bench/generalization.py --model smollm2 --state bench/results/generalization/smollm2/state.tar.gz
     python bench/generalization.py --smoke                                        # tiny model and data (CI)
 """
 
@@ -162,11 +163,18 @@ def main() -> None:
     ap.add_argument("--ffn-ratio", type=float, default=0.03)
     ap.add_argument("--seeds", default="0,1,2", help="training seeds (comma-separated)")
     ap.add_argument("--report-only", action="store_true", help="write the report from the finished steps")
+    ap.add_argument(
+        "--state",
+        help="a .tar.gz of the finished steps' small outputs (JSON, JSONL, YAML: no weights), to carry a study "
+        "to another machine: restored into an empty --out before running, rewritten after the report",
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny model and data, a few steps (CI)")
     args = ap.parse_args()
     out = Path(args.out or f"~/.cache/s2ft/generalization-v2/{args.model}").expanduser()
     out.mkdir(parents=True, exist_ok=True)
     log = out / "steps.log"
+    if args.state and Path(args.state).is_file() and not (out / "settings.json").is_file():
+        restore_state(Path(args.state), out)
     in_domain, unseen = IN_DOMAIN, UNSEEN
     if args.smoke:
         args.model, args.data_dir = smoke_setup(out)
@@ -181,6 +189,35 @@ def main() -> None:
     if not args.report_only:
         run(out, log, args, data_dir, in_domain, seeds, tasks)
     report(out, args, in_domain, unseen, seeds)
+    if args.state:
+        save_state(out, Path(args.state))
+
+
+STATE_SUFFIXES = (".json", ".jsonl", ".yaml")
+STATE_SKIP = ("adapter", "checkpoints", "model", "tiny-model", "tiny-data")
+
+
+def save_state(out: Path, dest: Path) -> None:
+    """The finished steps' small outputs (what resuming and the report read) as one .tar.gz."""
+    import tarfile
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    with tarfile.open(tmp, "w:gz") as tar:
+        for f in sorted(out.rglob("*")):
+            rel = f.relative_to(out)
+            if f.is_file() and f.suffix in STATE_SUFFIXES and not set(rel.parts[:-1]) & set(STATE_SKIP):
+                tar.add(f, arcname=str(rel))
+    tmp.replace(dest)
+    print(f"wrote the study's state to {dest} ({dest.stat().st_size / 1e6:.1f} MB)")
+
+
+def restore_state(src: Path, out: Path) -> None:
+    import tarfile
+
+    with tarfile.open(src) as tar:
+        tar.extractall(out, filter="data")  # relative regular files only
+    print(f"restored the study's state from {src} into {out}")
 
 
 def run(out, log, args, data_dir, in_domain, seeds, tasks) -> None:
@@ -240,6 +277,10 @@ def run(out, log, args, data_dir, in_domain, seeds, tasks) -> None:
     for seed in seeds:
         for m in METHODS:
             run_dir = out / "train" / f"{m}-s{seed}"
+            weights = run_dir / ("model" if m == "full" else "adapter")
+            done = (out / "eval" / f"{m}-s{seed}" / "results.json").is_file()
+            if not done and not weights.is_dir():  # restored from --state without its weights: train again
+                (run_dir / "summary.json").unlink(missing_ok=True)
             train(f"train/{m}-s{seed}", run_dir, m, best[m], seed, "train.jsonl", args.steps)
             evaluate(f"eval/{m}-s{seed}", run_dir, m, tasks, data_dir, out / "eval" / f"{m}-s{seed}")
             if m == "full":  # keep the evaluation, drop the 0.5-1 GB model copy

@@ -166,3 +166,16 @@ def test_resuming_with_other_settings_is_refused(study, tmp_path):
     (other / "sweep").mkdir(parents=True)
     with pytest.raises(SystemExit, match="without a settings.json"):
         study.check_settings(other, args)
+
+
+def test_state_carries_the_study_to_another_directory(study, tmp_path):
+    make_study(study, tmp_path / "a")
+    (tmp_path / "a" / "train" / "s2ft-s0" / "adapter").mkdir()
+    (tmp_path / "a" / "train" / "s2ft-s0" / "adapter" / "adapter.safetensors").write_bytes(b"weights")
+    study.save_state(tmp_path / "a", tmp_path / "state.tar.gz")
+    study.restore_state(tmp_path / "state.tar.gz", tmp_path / "b")
+    assert not (tmp_path / "b" / "train" / "s2ft-s0" / "adapter").exists()  # no weights travel
+    for name in ("a", "b"):
+        study.report(tmp_path / name, args_for(study, tmp_path), ["a"], ["b"], [0, 1, 2])
+    a, b = (json.loads((tmp_path / n / "study.json").read_text()) for n in ("a", "b"))
+    assert a["paired_deltas"] == b["paired_deltas"] and a["chosen_lr"] == b["chosen_lr"]
