@@ -131,12 +131,16 @@ def load_task(data_dir: Path, task: str) -> list[dict[str, Any]]:
     return records
 
 
+def subset_indices(n: int, limit: int | None, seed: int) -> list[int]:
+    """Indices of a seeded subset of `limit` of `n` items, in order (all when limit is None)."""
+    if limit is None or limit >= n:
+        return list(range(n))
+    return sorted(random.Random(seed).sample(range(n), limit))
+
+
 def subset(records: list, limit: int | None, seed: int) -> list:
     """A seeded subset of `limit` records in their original order (all when limit is None)."""
-    if limit is None or limit >= len(records):
-        return records
-    keep = sorted(random.Random(seed).sample(range(len(records)), limit))
-    return [records[i] for i in keep]
+    return [records[i] for i in subset_indices(len(records), limit, seed)]
 
 
 # ---------------------------------------------------------------------------------------------

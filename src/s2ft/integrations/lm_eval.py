@@ -160,14 +160,13 @@ def evaluate(
     `tasks` are s2ft or harness names (`ARC-Easy`, `s2ft_piqa`, `commonsense`). With `limit`,
     every task is evaluated on the seeded subset `s2ft eval --limit --seed` draws.
     """
-    import random
     import tempfile
 
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from s2ft.evaluation import load_task
+    from s2ft.evaluation import load_task, subset_indices
 
     with tempfile.TemporaryDirectory() as tmp:
         where = Path(task_dir or tmp)
@@ -176,11 +175,10 @@ def evaluate(
         names = list(HARNESS_NAMES.values()) if GROUP in wanted else list(dict.fromkeys(wanted))
         from_name = {v: k for k, v in HARNESS_NAMES.items()}
         samples = None
-        if limit is not None:
-            samples = {}
-            for name in names:
-                n = len(load_task(Path(data_dir), from_name[name]))
-                samples[name] = sorted(random.Random(seed).sample(range(n), limit)) if limit < n else list(range(n))
+        if limit is not None:  # the questions `s2ft eval --limit --seed` scores
+            samples = {
+                name: subset_indices(len(load_task(Path(data_dir), from_name[name])), limit, seed) for name in names
+            }
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         out = simple_evaluate(
             model=lm,
