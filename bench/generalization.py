@@ -15,9 +15,10 @@ the same seeded questions:
 Every accuracy comes with the majority-label baseline and the entropy of the predicted labels.
 
 Stages, in this order so that a partial run already compares every method on one seed:
-1. sweep: each method × each learning rate of `SWEEP`, seed 0, `--sweep-steps` on the first
+1. sweep: each method × the learning rates of `SWEEP`, seed 0, `--sweep-steps` on the first
    `--sweep-samples` records; the rate with the best validation accuracy (log-likelihood on
-   `--val-per-task` held-out training questions of each in-domain task) is chosen per method;
+   `--val-per-task` held-out training questions of each in-domain task) is chosen per method.
+   Rates go up the grid and stop at the first one whose accuracy falls below the one before;
 2. for each seed: every method trains `--steps` at its chosen rate and is evaluated (the base
    model once, before).
 Intervals of differences are a paired bootstrap over both seeds and questions.
@@ -258,17 +259,21 @@ def run(out, log, args, data_dir, in_domain, seeds, tasks) -> None:
         flags = ["--data", str(out / data), "--output-dir", str(run_dir), "--max-steps", str(steps)]
         flags += ["--warmup-steps", str(max(1, steps // 10)), "--save-steps", str(save), "--eval-steps", str(steps)]
         flags += ["--seed", str(seed), "--learning-rate", str(lr)]
-        flags += ["--resume"] if (run_dir / "checkpoints").is_dir() else ["--overwrite"]
+        flags += [resume_flag(run_dir)]
         sh(cli("train", *common, *method_flags(m), *flags), log, name)
 
     # 1. sweep: seed 0, short runs; validation accuracy by log-likelihood on held-out questions
     val_tasks = [t + LL for t in in_domain]
     evaluate("valacc/base", None, None, val_tasks, out / "valdata", out / "sweep" / "base-val")
     for m in METHODS:
-        for lr in SWEEP[m]:
+
+        def sweep_point(lr: float, m: str = m) -> float:
             run_dir = out / "sweep" / f"{m}-lr{lr:g}"
             train(f"sweep/{m}-lr{lr:g}", run_dir, m, lr, 0, "sweep.jsonl", args.sweep_steps)
             evaluate(f"valacc/{m}-lr{lr:g}", run_dir, m, val_tasks, out / "valdata", run_dir / "val")
+            return sweep_table(out)[m][f"{lr:g}"]["val_acc"]
+
+        climb(SWEEP[m], sweep_point)
     best = chosen_rates(out)
     print("learning rates chosen by validation accuracy:", best, flush=True)
 
@@ -288,6 +293,27 @@ def run(out, log, args, data_dir, in_domain, seeds, tasks) -> None:
 
                 shutil.rmtree(run_dir / "model", ignore_errors=True)
                 shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+
+
+def climb(rates: list[float], accuracy) -> list[float]:
+    """Run `accuracy(rate)` up the ascending `rates`, stopping after the first rate whose accuracy
+    is below the one before (validation accuracy is taken as unimodal in the rate); the rates run."""
+    done, previous = [], None
+    for lr in rates:
+        acc = accuracy(lr)
+        done.append(lr)
+        if previous is not None and acc < previous:
+            break
+        previous = acc
+    return done
+
+
+def resume_flag(run_dir: Path) -> str:
+    """`--resume` when the run has a complete checkpoint, else `--overwrite` (a run killed before
+    its first checkpoint leaves an empty or partial checkpoints/ that `--resume` refuses)."""
+    from s2ft.train import last_complete_checkpoint
+
+    return "--resume" if last_complete_checkpoint(run_dir / "checkpoints") else "--overwrite"
 
 
 def sweep_table(out: Path) -> dict[str, dict[str, dict]]:
@@ -580,6 +606,13 @@ def markdown(r: dict, models: list[str]) -> str:
     ]
     if edge:
         lines += ["", f"Chosen at the edge of its grid: {', '.join(edge)}; the best rate may lie outside the grid."]
+    if skipped := [f"{m} ({', '.join(f'{lr:g}' for lr in SWEEP[m] if f'{lr:g}' not in r['sweep'].get(m, {}))})"
+                   for m in r["sweep"] if len(r["sweep"][m]) < len(SWEEP[m])]:  # fmt: skip
+        lines += [
+            "",
+            f"Not run: {', '.join(skipped)}. The sweep goes up the grid and stops at the first rate whose "
+            "validation accuracy is below the one before.",
+        ]
     lines += ["", "| method | trainable parameters | train time per run (s) |", "|---|---|---|"]
     for m, t in r["training"].items():
         lines.append(f"| {NAMES[m]} | {t['trainable_parameters']:,} | {t['train_seconds_mean']:.0f} |")

@@ -179,3 +179,34 @@ def test_state_carries_the_study_to_another_directory(study, tmp_path):
         study.report(tmp_path / name, args_for(study, tmp_path), ["a"], ["b"], [0, 1, 2])
     a, b = (json.loads((tmp_path / n / "study.json").read_text()) for n in ("a", "b"))
     assert a["paired_deltas"] == b["paired_deltas"] and a["chosen_lr"] == b["chosen_lr"]
+
+
+def test_sweep_climbs_the_grid_and_stops_at_the_first_fall(study):
+    seen = []
+
+    def accuracy(table):
+        return lambda lr: seen.append(lr) or table[lr]
+
+    assert study.climb([1, 2, 3, 4], accuracy({1: 0.5, 2: 0.4, 3: 0.9, 4: 0.9})) == [1, 2]
+    assert study.climb([1, 2, 3], accuracy({1: 0.3, 2: 0.3, 3: 0.4})) == [1, 2, 3]  # a tie climbs on
+    assert study.climb([1, 2, 3], accuracy({1: 0.3, 2: 0.5, 3: 0.4})) == [1, 2, 3]
+    assert seen == [1, 2, 1, 2, 3, 1, 2, 3]
+
+
+def test_sweep_report_names_the_rates_not_run(study, tmp_path):
+    make_study(study, tmp_path)
+    study.SWEEP["s2ft"] = [1e-3, 2e-3, 4e-3]  # the study stopped before 4e-3
+    try:
+        study.report(tmp_path, args_for(study, tmp_path), ["a"], ["b"], [0, 1, 2])
+    finally:
+        study.SWEEP["s2ft"] = [1e-3, 2e-3]
+    assert "Not run: s2ft (0.004)." in (tmp_path / "study.md").read_text()
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_over(study, tmp_path):
+    run = tmp_path / "run"
+    assert study.resume_flag(run) == "--overwrite"
+    (run / "checkpoints" / "checkpoint-5").mkdir(parents=True)  # killed while writing it
+    assert study.resume_flag(run) == "--overwrite"
+    (run / "checkpoints" / "checkpoint-5" / "trainer_state.json").write_text('{"global_step": 5}')
+    assert study.resume_flag(run) == "--resume"
