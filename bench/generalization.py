@@ -53,21 +53,25 @@ SWEEP = {"s2ft": [5e-4, 1e-3, 2e-3], "lora": [5e-4, 1e-3, 2e-3], "dora": [5e-4, 
 LL = ":ll"
 
 
-def groups(in_domain: list[str], unseen: list[str]) -> dict[str, list[str]]:
+def groups(in_domain: list[str], unseen: list[str], generation: bool = True) -> dict[str, list[str]]:
     """Report groups -> their evaluation tasks (accuracy tasks first; `wikitext2` is perplexity)."""
-    return {
+    out = {
         "in-domain (log-likelihood)": [t + LL for t in in_domain],
         "in-domain (generation)": list(in_domain),
         "unseen tasks (log-likelihood)": [t + LL for t in unseen],
         "far OOD": ["hellaswag" + LL, "mmlu", "wikitext2"],
     }
+    if not generation:
+        del out["in-domain (generation)"]
+    return out
 
 
 # the options that change a result: a run resumed with other values would mix two studies
 RESULT_SETTINGS = (
     "data_dir", "model", "train_samples", "sweep_samples", "val_per_task", "steps", "sweep_steps", "batch_size",
-    "eval_limit", "ppl_tokens", "ffn_ratio", "seeds", "smoke",
+    "eval_limit", "ppl_tokens", "ffn_ratio", "seeds", "smoke", "generation",
 )  # fmt: skip
+ADDED_SETTINGS = {"generation": True}  # settings added after a study began: what older runs did
 
 
 def check_settings(out: Path, args: argparse.Namespace) -> None:
@@ -76,7 +80,7 @@ def check_settings(out: Path, args: argparse.Namespace) -> None:
     mine["data_dir"] = str(Path(mine["data_dir"]).resolve())
     path = out / "settings.json"
     if path.is_file():
-        theirs = json.loads(path.read_text())
+        theirs = {**ADDED_SETTINGS, **json.loads(path.read_text())}
         if diff := [
             f"--{k.replace('_', '-')} {theirs.get(k)} (now {v})" for k, v in mine.items() if theirs.get(k) != v
         ]:
@@ -169,6 +173,13 @@ def main() -> None:
         help="a .tar.gz of the finished steps' small outputs (JSON, JSONL, YAML: no weights), to carry a study "
         "to another machine: restored into an empty --out before running, rewritten after the report",
     )
+    ap.add_argument(
+        "--no-generation",
+        dest="generation",
+        action="store_false",
+        help="evaluate in-domain tasks by log-likelihood only, without the generation protocol's column "
+        "(about a third of each evaluation's time)",
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny model and data, a few steps (CI)")
     args = ap.parse_args()
     out = Path(args.out or f"~/.cache/s2ft/generalization-v2/{args.model}").expanduser()
@@ -186,7 +197,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     check_settings(out, args)
     data_dir = Path(args.data_dir)
-    tasks = [t for g in groups(in_domain, unseen).values() for t in g]
+    tasks = [t for g in groups(in_domain, unseen, args.generation).values() for t in g]
     if not args.report_only:
         run(out, log, args, data_dir, in_domain, seeds, tasks)
     report(out, args, in_domain, unseen, seeds)
@@ -409,7 +420,7 @@ def verdict(ci: list[float], better_is_lower: bool = False) -> str:
 
 
 def report(out: Path, args, in_domain: list[str], unseen: list[str], seeds: list[int]) -> None:
-    grp = groups(in_domain, unseen)
+    grp = groups(in_domain, unseen, getattr(args, "generation", True))
     base = load_eval(out, "base")
     done = [s for s in seeds if all(load_eval(out, f"{m}-s{s}") for m in METHODS)]
     if base is None or not done:
