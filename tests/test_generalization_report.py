@@ -210,3 +210,15 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over(study, tmp_path):
     assert study.resume_flag(run) == "--overwrite"
     (run / "checkpoints" / "checkpoint-5" / "trainer_state.json").write_text('{"global_step": 5}')
     assert study.resume_flag(run) == "--resume"
+
+
+def test_a_study_begun_before_a_setting_existed_resumes_with_its_default(study, tmp_path):
+    args = Namespace(**{k: 1 for k in study.RESULT_SETTINGS})
+    args.data_dir, args.generation = str(tmp_path), True
+    older = {k: v for k, v in vars(args).items() if k not in study.ADDED_SETTINGS}
+    older["data_dir"] = str(tmp_path.resolve())
+    (tmp_path / "settings.json").write_text(json.dumps(older))
+    study.check_settings(tmp_path, args)  # it ran with the generation column: the same study
+    args.generation = False
+    with pytest.raises(SystemExit, match=r"--generation True \(now False\)"):
+        study.check_settings(tmp_path, args)
