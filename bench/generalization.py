@@ -599,7 +599,7 @@ def markdown(r: dict, models: list[str]) -> str:
         "and validation loss; the chosen rate in bold",
         "",
     ]
-    width = max((len(v) for v in r["sweep"].values()), default=1)
+    width = max((max(len(v), len(SWEEP.get(m, []))) for m, v in r["sweep"].items()), default=1)
     lines += ["| method | " + " | ".join(["rate → val acc (val loss)"] * width) + " |", "|---|" + "---|" * width]
     if r.get("sweep_base_val_acc") is not None:
         lines.append(f"| base (no training) | {100 * r['sweep_base_val_acc']:.1f}% |" + " |" * (width - 1))
@@ -609,6 +609,7 @@ def markdown(r: dict, models: list[str]) -> str:
             loss = f"{v['val_loss']:.4f}" if v["val_loss"] is not None else "–"
             cell = f"{lr} → {100 * v['val_acc']:.1f}% ({loss})"
             cells.append(f"**{cell}**" if float(lr) == r["chosen_lr"].get(m) else cell)
+        cells += [""] * (width - len(cells))  # a grid the sweep stopped climbing
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     edge = [
         f"{m} ({r['chosen_lr'][m]:g})"

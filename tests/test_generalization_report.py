@@ -200,7 +200,10 @@ def test_sweep_report_names_the_rates_not_run(study, tmp_path):
         study.report(tmp_path, args_for(study, tmp_path), ["a"], ["b"], [0, 1, 2])
     finally:
         study.SWEEP["s2ft"] = [1e-3, 2e-3]
-    assert "Not run: s2ft (0.004)." in (tmp_path / "study.md").read_text()
+    md = (tmp_path / "study.md").read_text()
+    assert "Not run: s2ft (0.004)." in md
+    row = next(line for line in md.splitlines() if line.startswith("| s2ft | "))
+    assert row.count("|") == 5  # method + 3 rate columns, the one not run left empty
 
 
 def test_a_run_killed_before_its_first_checkpoint_starts_over(study, tmp_path):
