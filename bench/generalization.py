@@ -29,7 +29,9 @@ is skipped on rerun, so the study resumes where it stopped (the settings are kep
 the finished steps without running more (seeds count once every method has them).
 
     python bench/generalization.py --model smollm2 --data-dir ../shared/data      # about 3 h on 2 cores
-    python bench/generalization.py --model gemma3-270m --data-dir ../shared/data
+    python bench/generalization.py --model gemma3-270m --data-dir ../shared/data \
+        --train-samples 240 --steps 20 --sweep-samples 80 --sweep-steps 10 --val-per-task 30 \
+        --eval-limit 40 --ppl-tokens 10000 --no-generation                         # about 2 h
     python bench/generalization.py --model smollm2 --report-only                 # report what is done
     python bench/generalization.py --model smollm2 --state bench/results/generalization/smollm2/state.tar.gz
     python bench/generalization.py --smoke                                        # tiny model and data (CI)
