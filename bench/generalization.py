@@ -55,6 +55,11 @@ SWEEP = {"s2ft": [5e-4, 1e-3, 2e-3], "lora": [5e-4, 1e-3, 2e-3], "dora": [5e-4, 
 LL = ":ll"
 
 
+def task_lists(smoke: bool) -> tuple[list[str], list[str]]:
+    """The in-domain and unseen tasks of a study (the smoke mode's tiny data has fewer)."""
+    return (["ARC-Easy", "openbookqa"], ["piqa"]) if smoke else (IN_DOMAIN, UNSEEN)
+
+
 def groups(in_domain: list[str], unseen: list[str], generation: bool = True) -> dict[str, list[str]]:
     """Report groups -> their evaluation tasks (accuracy tasks first; `wikitext2` is perplexity)."""
     out = {
@@ -189,12 +194,11 @@ def main() -> None:
     log = out / "steps.log"
     if args.state and Path(args.state).is_file() and not (out / "settings.json").is_file():
         restore_state(Path(args.state), out)
-    in_domain, unseen = IN_DOMAIN, UNSEEN
+    in_domain, unseen = task_lists(args.smoke)
     if args.smoke:
         args.model, args.data_dir = smoke_setup(out)
         args.train_samples, args.sweep_samples, args.val_per_task, args.steps, args.sweep_steps = 16, 8, 3, 3, 2
         args.batch_size, args.eval_limit, args.ppl_tokens, args.ffn_ratio, args.seeds = 2, 4, 200, 0.25, "0,1"
-        in_domain, unseen = ["ARC-Easy", "openbookqa"], ["piqa"]
         SWEEP.update({m: SWEEP[m][:2] for m in SWEEP})
     seeds = [int(s) for s in args.seeds.split(",")]
     check_settings(out, args)
@@ -234,46 +238,54 @@ def restore_state(src: Path, out: Path) -> None:
     print(f"restored the study's state from {src} into {out}")
 
 
+def common_flags(out: Path, args) -> list[str]:
+    """The `s2ft train` flags every run of the study shares (model, data format, batch, schedule)."""
+    flags = ["--model", args.model, "--template", "alpaca", "--max-length", "256", "--batch-size", str(args.batch_size)]
+    flags += ["--lr-scheduler", "linear", "--val-data", str(out / "val.jsonl"), "--ffn-ratio", str(args.ffn_ratio)]
+    return flags + ["--lora-modules", "q,k,v,up,down", "--logging-steps", "5"]
+
+
+def method_flags(m: str) -> list[str]:
+    return ["--method", m] + (["--match-params"] if m in ("lora", "dora") else [])
+
+
+def train_run(
+    out: Path, log: Path, args, name: str, run_dir: Path, m: str, lr: float, seed: int, data: str, steps: int
+):
+    """One `s2ft train` run of method `m` at rate `lr` on OUT/`data` (skipped when finished)."""
+    if (run_dir / "summary.json").is_file():
+        return
+    # validation loss before and after only (it is reported, not used to choose); a sweep run is
+    # short enough to rerun, a final one saves a checkpoint every third of the way to resume from
+    save = steps if data == "sweep.jsonl" else max(1, steps // 3)
+    flags = ["--data", str(out / data), "--output-dir", str(run_dir), "--max-steps", str(steps)]
+    flags += ["--warmup-steps", str(max(1, steps // 10)), "--save-steps", str(save), "--eval-steps", str(steps)]
+    flags += ["--seed", str(seed), "--learning-rate", str(lr)]
+    flags += [resume_flag(run_dir)]
+    sh(cli("train", *common_flags(out, args), *method_flags(m), *flags), log, name)
+
+
+def eval_run(log: Path, args, name: str, run_dir, method, task_list: list[str], data: Path, dest: Path) -> None:
+    """One `s2ft eval` of the base model (`method` None) or of a trained run (skipped when finished)."""
+    flags = ["--model", str(run_dir / "model") if method == "full" else args.model]
+    if method in ("s2ft", "lora", "dora"):
+        flags += ["--adapter", str(run_dir / "adapter")]
+    flags += ["--tasks", ",".join(task_list), "--data-dir", str(data), "--limit", str(args.eval_limit)]
+    flags += ["--seed", "0", "--mmlu-subjects", "57", "--ppl-tokens", str(args.ppl_tokens)]
+    flags += ["--output-dir", str(dest)]
+    res = dest / "results.json"
+    if not (res.is_file() and len(json.loads(res.read_text())["results"]) == len(task_list)):
+        sh(cli("eval", *flags), log, name)
+
+
 def run(out, log, args, data_dir, in_domain, seeds, tasks) -> None:
     split_data(data_dir, out, args, in_domain)
-    common = [
-        "--model",
-        args.model,
-        "--template",
-        "alpaca",
-        "--max-length",
-        "256",
-        "--batch-size",
-        str(args.batch_size),
-    ]
-    common += ["--lr-scheduler", "linear", "--val-data", str(out / "val.jsonl"), "--ffn-ratio", str(args.ffn_ratio)]
-    common += ["--lora-modules", "q,k,v,up,down", "--logging-steps", "5"]
-
-    def method_flags(m: str) -> list[str]:
-        return ["--method", m] + (["--match-params"] if m in ("lora", "dora") else [])
-
-    def evaluate(name: str, run_dir: Path | None, method: str | None, task_list: list[str], data: Path, dest: Path):
-        flags = ["--model", str(run_dir / "model") if method == "full" else args.model]
-        if method in ("s2ft", "lora", "dora"):
-            flags += ["--adapter", str(run_dir / "adapter")]
-        flags += ["--tasks", ",".join(task_list), "--data-dir", str(data), "--limit", str(args.eval_limit)]
-        flags += ["--seed", "0", "--mmlu-subjects", "57", "--ppl-tokens", str(args.ppl_tokens)]
-        flags += ["--output-dir", str(dest)]
-        res = dest / "results.json"
-        if not (res.is_file() and len(json.loads(res.read_text())["results"]) == len(task_list)):
-            sh(cli("eval", *flags), log, name)
 
     def train(name: str, run_dir: Path, m: str, lr: float, seed: int, data: str, steps: int) -> None:
-        if (run_dir / "summary.json").is_file():
-            return
-        # validation loss before and after only (it is reported, not used to choose); a sweep run is
-        # short enough to rerun, a final one saves a checkpoint every third of the way to resume from
-        save = steps if data == "sweep.jsonl" else max(1, steps // 3)
-        flags = ["--data", str(out / data), "--output-dir", str(run_dir), "--max-steps", str(steps)]
-        flags += ["--warmup-steps", str(max(1, steps // 10)), "--save-steps", str(save), "--eval-steps", str(steps)]
-        flags += ["--seed", str(seed), "--learning-rate", str(lr)]
-        flags += [resume_flag(run_dir)]
-        sh(cli("train", *common, *method_flags(m), *flags), log, name)
+        train_run(out, log, args, name, run_dir, m, lr, seed, data, steps)
+
+    def evaluate(name: str, run_dir: Path | None, method: str | None, task_list: list[str], data: Path, dest: Path):
+        eval_run(log, args, name, run_dir, method, task_list, data, dest)
 
     # 1. sweep: seed 0, short runs; validation accuracy by log-likelihood on held-out questions
     val_tasks = [t + LL for t in in_domain]
