@@ -77,19 +77,13 @@ def run_points(out: Path, args: argparse.Namespace, methods: list[str]) -> None:
     for m, lr in run_order(methods, chosen):
         run_dir = out / "frontier" / f"{m}-lr{lr:g}"
         dest = run_dir / "eval"
-        if finished(dest, eval_tasks(args)):
+        if gz.eval_finished(dest, eval_tasks(args)):
             continue
         gz.train_run(out, log, args, f"frontier/{m}-lr{lr:g}", run_dir, m, lr, 0, "train.jsonl", args.steps)
         gz.eval_run(log, args, f"frontier-eval/{m}-lr{lr:g}", run_dir, m, eval_tasks(args), data_dir, dest)
         if m == "full":  # keep the evaluation, drop the 0.5-1 GB model copy
             shutil.rmtree(run_dir / "model", ignore_errors=True)
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-
-
-def finished(eval_dir: Path, tasks: list[str]) -> bool:
-    """Whether an evaluation has every task (a killed or failed one can leave some)."""
-    res = eval_dir / "results.json"
-    return res.is_file() and set(tasks) <= set(json.loads(res.read_text())["results"])
 
 
 def point(out: Path, m: str, lr: float, chosen: dict[str, float], tasks: list[str]) -> dict | None:
@@ -100,7 +94,7 @@ def point(out: Path, m: str, lr: float, chosen: dict[str, float], tasks: list[st
         run_dir = out / "frontier" / f"{m}-lr{lr:g}"
         eval_dir, source = run_dir / "eval", "frontier"
     summ, res = run_dir / "summary.json", eval_dir / "results.json"
-    if not (summ.is_file() and finished(eval_dir, tasks)):
+    if not (summ.is_file() and gz.eval_finished(eval_dir, tasks)):
         return None
     s, r = json.loads(summ.read_text()), json.loads(res.read_text())["results"]
     unseen = [t for t in tasks if t != "wikitext2"]
@@ -116,13 +110,6 @@ def point(out: Path, m: str, lr: float, chosen: dict[str, float], tasks: list[st
     }
 
 
-def per_example(out: Path, eval_dir: str, task: str) -> list[float]:
-    from s2ft.evaluation import rows_file
-
-    rows = [json.loads(x) for x in (out / eval_dir / rows_file(task)).read_text().splitlines()]
-    return [float(r["nll"]) for r in rows] if task == "wikitext2" else [100.0 * r["correct"] for r in rows]
-
-
 def matched(points: dict[str, list[dict]], a: str, b: str, out: Path) -> list[dict]:
     """For each run of `a`, the run of `b` that learned at least as much (val loss no higher) and
     forgot least (lowest WikiText-2 perplexity), with the paired bootstrap interval of the
@@ -134,9 +121,8 @@ def matched(points: dict[str, list[dict]], a: str, b: str, out: Path) -> list[di
             rows.append({"a": p, "b": None})
             continue
         q = min(rivals, key=lambda q: q["wikitext2_ppl"])
-        d = gz.bootstrap_delta(
-            [[per_example(out, p["eval_dir"], "wikitext2")]], [[per_example(out, q["eval_dir"], "wikitext2")]]
-        )
+        nll = [[gz.per_example(out / x["eval_dir"], "wikitext2")] for x in (p, q)]
+        d = gz.bootstrap_delta(nll[:1], nll[1:])
         rows.append({"a": p, "b": q, "nll_delta": d["delta"], "ci95": d["ci95"]})
     return rows
 
@@ -144,12 +130,13 @@ def matched(points: dict[str, list[dict]], a: str, b: str, out: Path) -> list[di
 def report(out: Path, args: argparse.Namespace, methods: list[str]) -> dict:
     chosen = gz.chosen_rates(out)
     grid = {m: sorted(set(RATES[m]) | ({chosen[m]} if m in chosen else set())) for m in methods}
-    points = {m: [p for lr in grid[m] if (p := point(out, m, lr, chosen, eval_tasks(args)))] for m in methods}
+    tasks = eval_tasks(args)
+    points = {m: [p for lr in grid[m] if (p := point(out, m, lr, chosen, tasks))] for m in methods}
     points = {m: ps for m, ps in points.items() if ps}
     if not points:
         sys.exit(f"{out}: no finished run to report")
     base = gz.load_eval(out, "base")
-    unseen = eval_tasks(args)[:-1]
+    unseen = tasks[:-1]
     base_summary = json.loads((out / "train" / f"{methods[0]}-s0" / "summary.json").read_text())
     base_point = {
         "val_loss": base_summary.get("val_loss_before"),
@@ -158,10 +145,10 @@ def report(out: Path, args: argparse.Namespace, methods: list[str]) -> dict:
     }
     noise = {}  # the study's seeds at the chosen rate: how far one run moves
     for m in points:
-        seeds = [n for n in (f"{m}-s{s}" for s in range(10)) if gz.load_eval(out, n)]
-        vl = [json.loads((out / "train" / n / "summary.json").read_text())["val_loss_after"] for n in seeds]
-        ppl = [gz.load_eval(out, n)["wikitext2"]["perplexity"] for n in seeds]
-        noise[m] = {"seeds": len(seeds), "val_loss": [min(vl), max(vl)], "wikitext2_ppl": [min(ppl), max(ppl)]}
+        evals = {n: e for n in (f"{m}-s{s}" for s in range(10)) if (e := gz.load_eval(out, n))}
+        vl = [json.loads((out / "train" / n / "summary.json").read_text())["val_loss_after"] for n in evals]
+        ppl = [e["wikitext2"]["perplexity"] for e in evals.values()]
+        noise[m] = {"seeds": len(evals), "val_loss": [min(vl), max(vl)], "wikitext2_ppl": [min(ppl), max(ppl)]}
     result = {
         "model": args.model,
         "settings": {k: getattr(args, k) for k in gz.RESULT_SETTINGS},

@@ -273,9 +273,14 @@ def eval_run(log: Path, args, name: str, run_dir, method, task_list: list[str], 
     flags += ["--tasks", ",".join(task_list), "--data-dir", str(data), "--limit", str(args.eval_limit)]
     flags += ["--seed", "0", "--mmlu-subjects", "57", "--ppl-tokens", str(args.ppl_tokens)]
     flags += ["--output-dir", str(dest)]
-    res = dest / "results.json"
-    if not (res.is_file() and len(json.loads(res.read_text())["results"]) == len(task_list)):
+    if not eval_finished(dest, task_list):
         sh(cli("eval", *flags), log, name)
+
+
+def eval_finished(dest: Path, tasks: list[str]) -> bool:
+    """Whether the evaluation in `dest` has every task (a killed or failed one can leave some)."""
+    res = dest / "results.json"
+    return res.is_file() and set(tasks) <= set(json.loads(res.read_text())["results"])
 
 
 def run(out, log, args, data_dir, in_domain, seeds, tasks) -> None:
@@ -385,12 +390,12 @@ def load_eval(out: Path, name: str) -> dict | None:
     return json.loads(res.read_text())["results"] if res.is_file() else None
 
 
-def per_example(out: Path, name: str, task: str) -> list[float]:
+def per_example(eval_dir: Path, task: str) -> list[float]:
     """Per-question correctness in points (0 or 100) of an accuracy task, or per-window NLL of a
-    perplexity one, of one model."""
+    perplexity one, of the model evaluated into `eval_dir`."""
     from s2ft.evaluation import rows_file
 
-    rows = [json.loads(x) for x in (out / "eval" / name / rows_file(task)).read_text().splitlines()]
+    rows = [json.loads(x) for x in (eval_dir / rows_file(task)).read_text().splitlines()]
     return [float(r["nll"]) for r in rows] if task == "wikitext2" else [100.0 * r["correct"] for r in rows]
 
 
@@ -464,7 +469,7 @@ def report(out: Path, args, in_domain: list[str], unseen: list[str], seeds: list
             rows.append(row)
 
     def values(m: str, tasks: list[str]) -> list:
-        return [[per_example(out, n, t) for t in tasks] for n in names[m]]
+        return [[per_example(out / "eval" / n, t) for t in tasks] for n in names[m]]
 
     acc_groups = {g: [t for t in ts if base[t]["metric"] == "accuracy"] for g, ts in grp.items()}
     acc_groups = {g: ts for g, ts in acc_groups.items() if ts}

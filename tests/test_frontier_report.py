@@ -146,6 +146,7 @@ def test_a_partial_evaluation_is_not_a_point(frontier, tmp_path, monkeypatch):
     args = frontier.study_args(tmp_path, "tiny")
     tasks = frontier.eval_tasks(args)
     assert tasks == ["piqa:ll", "social_i_qa:ll", "winogrande:ll", "wikitext2"]
-    assert not frontier.finished(res.parent, tasks) and frontier.finished(tmp_path / "eval" / "base", tasks)
+    assert not frontier.gz.eval_finished(res.parent, tasks)
+    assert frontier.gz.eval_finished(tmp_path / "eval" / "base", tasks)
     r = frontier.report(tmp_path, args, ["s2ft", "lora", "full"])
     assert [p["lr"] for p in r["points"]["s2ft"]] == [1e-3]
