@@ -117,10 +117,12 @@ def sh(cmd: list[str], log: Path, step: str) -> None:
 
 
 def stage_minutes(timings: dict[str, float]) -> dict[str, float]:
-    """Wall minutes per stage (steps are named sweep/…, valacc/…, train/…, eval/…) and in total."""
+    """Wall minutes per stage (steps are named sweep/…, valacc/…, train/…, eval/…) and in total.
+    Steps of other scripts run in the study's directory (bench/frontier.py's) are not the study's."""
     minutes = {stage: 0.0 for stage in ("sweep", "valacc", "train", "eval")}
     for step, seconds in timings.items():
-        minutes[step.split("/")[0]] = minutes.get(step.split("/")[0], 0.0) + seconds / 60
+        if (stage := step.split("/")[0]) in minutes:
+            minutes[stage] += seconds / 60
     minutes["total"] = sum(minutes.values())
     return {k: round(v, 1) for k, v in minutes.items()}
 

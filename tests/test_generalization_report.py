@@ -151,6 +151,7 @@ def test_bootstrap_covers_seed_variation(study):
 
 def test_wall_time_is_summed_per_stage(study):
     timings = {"sweep/s2ft-lr0.001": 600.0, "valacc/s2ft-lr0.001": 60.0, "train/s2ft-s0": 1200.0, "eval/base": 330.0}
+    timings["frontier/lora-lr0.0002"] = 240.0  # bench/frontier.py's steps, in the same timings.json
     assert study.stage_minutes(timings) == {"sweep": 10.0, "valacc": 1.0, "train": 20.0, "eval": 5.5, "total": 36.5}
 
 
